@@ -1,0 +1,3 @@
+from pmd.cli import main
+
+main()
