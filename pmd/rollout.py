@@ -1,0 +1,107 @@
+"""Sampling completions and laying them out as training batches.
+
+Layout used everywhere in pmd (as TRL does): prompts are LEFT-padded and completions RIGHT-padded, so every
+completion starts at the same column. A forward pass then only needs logits for the last R+1 positions
+(`logits_to_keep`), and the student and a teacher with a different (longer) prompt score the same
+completion tokens column by column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Packed:
+    """A batch of prompt+completion sequences. B sequences, P prompt columns, R completion columns."""
+
+    input_ids: torch.Tensor  # (B, P+R)
+    attention_mask: torch.Tensor  # (B, P+R)
+    position_ids: torch.Tensor  # (B, P+R), counting from the first real token of each row
+    completion_ids: torch.Tensor  # (B, R)
+    completion_mask: torch.Tensor  # (B, R) 1 on real completion tokens
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_ids.shape[1]
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Packed:
+    """Left-pad prompts, right-pad completions, concatenate."""
+    assert len(prompts) == len(completions)
+    B = len(prompts)
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(c) for c in completions))
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p):P] = 1
+        if c:
+            input_ids[i, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attention_mask[i, P:P + len(c)] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return Packed(input_ids, attention_mask, position_ids, input_ids[:, P:], attention_mask[:, P:])
+
+
+def completion_logits(forward, batch: Packed, temperature: float = 1.0) -> torch.Tensor:
+    """Logits that predict each completion token: (B, R, V). Only the last R+1 positions hit the LM head.
+
+    `forward` is the model, or any callable with its keyword interface (the teacher's weight swap).
+    """
+    R = batch.completion_len
+    out = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids, logits_to_keep=R + 1, use_cache=False)
+    logits = out.logits[:, :-1, :]
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def trim_completion(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """Cut a generated row after its first EOS (kept, so the model learns to stop). Returns (ids, finished)."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: i + 1], True
+    return ids, False
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
+             top_p: float, greedy: bool, batch_size: int, autocast_dtype: torch.dtype | None
+             ) -> tuple[list[list[int]], list[bool]]:
+    """Sample one completion per prompt (repeat a prompt G times for a group), batched, with a KV cache.
+
+    Returns the completion token ids (trimmed after EOS) and whether each finished with EOS.
+    """
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    completions: list[list[int]] = []
+    finished: list[bool] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        P = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), P), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(chunk):
+            input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+            attention_mask[i, P - len(p):] = 1
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
+                                                               top_p=top_p, top_k=0)
+        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                 eos_token_id=sorted(eos_ids), use_cache=True, **sampling)
+        for row in out[:, P:].tolist():
+            ids, done = trim_completion(row, eos_ids)
+            completions.append(ids)
+            finished.append(done)
+    return completions, finished
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) if ids is not None else set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,156 @@
+"""The run folder: everything a person needs to understand a run, and everything a resume needs.
+
+    <run>/config.yaml        the full resolved config
+    <run>/metrics.jsonl      one JSON object per step (and one for the evaluation before step 1, step 0)
+    <run>/rollouts.jsonl     every rollout: step, problem, completion, reward, feedback, teacher signal
+    <run>/checkpoints/step-N/ trainable weights, teacher, optimizer, scheduler, RNG, loop state
+    <run>/final/             the trained model (LoRA merged): plain `AutoModelForCausalLM.from_pretrained`
+    <run>/summary.json       accuracy before and after, wall time
+
+Checkpoints are written to a temporary folder and renamed, so a kill at any moment leaves either the old or
+the new checkpoint, never half of one. On resume, metric and rollout rows newer than the checkpoint are
+dropped: those steps are redone exactly, so no step is repeated or skipped in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from pmd.config import Config, ConfigError, apply
+
+# Keys that may change when resuming: they do not alter the training trajectory.
+RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "keep_checkpoints", "threads", "output_dir",
+                     "eval_samples", "eval_problems"}
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+
+    # ---------------------------------------------------------------- config
+    def exists(self) -> bool:
+        return (self.path / "config.yaml").exists()
+
+    def write_config(self, cfg: Config) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    def read_config(self) -> Config:
+        data = yaml.safe_load((self.path / "config.yaml").read_text())
+        return apply(Config(), data)
+
+    def resume_config(self, requested: Config, explicit: set[str]) -> Config:
+        """The stored config, with the explicitly requested keys that may change on resume applied."""
+        stored = self.read_config()
+        conflicts = [k for k in explicit - RESUMABLE_CHANGES
+                     if getattr(requested, k) != getattr(stored, k)]
+        if conflicts:
+            detail = ", ".join(f"{k}: run has {getattr(stored, k)!r}, asked {getattr(requested, k)!r}"
+                               for k in sorted(conflicts))
+            raise ConfigError(f"{self.path} is an existing run with a different config ({detail}). "
+                              f"Resume it without these keys, or choose a new output_dir.")
+        return apply(stored, {k: getattr(requested, k) for k in explicit & RESUMABLE_CHANGES})
+
+    # ---------------------------------------------------------------- jsonl logs
+    def append(self, name: str, rows: list[dict]) -> None:
+        with open(self.path / name, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self, name: str) -> list[dict]:
+        p = self.path / name
+        if not p.exists():
+            return []
+        rows = []
+        for line in p.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a kill mid-write
+                pass
+        return rows
+
+    def truncate_after(self, step: int) -> None:
+        """Drop log rows of steps after `step` (they will be redone)."""
+        for name in ("metrics.jsonl", "rollouts.jsonl"):
+            p = self.path / name
+            if p.exists():
+                kept = [r for r in self.read(name) if r.get("step", 0) <= step]
+                _atomic_write(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+    # ---------------------------------------------------------------- checkpoints
+    def latest_checkpoint(self) -> Path | None:
+        if not self.checkpoints.exists():
+            return None
+        done = [p for p in self.checkpoints.glob("step-*") if (p / "state.json").exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+    def save_checkpoint(self, step: int, model: torch.nn.Module, teacher_state: dict, optimizer,
+                        scheduler, loop_state: dict, keep: int) -> Path:
+        final = self.checkpoints / f"step-{step:06d}"
+        tmp = self.checkpoints / f".tmp-step-{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        if teacher_state:
+            save_file({n: t.contiguous() for n, t in teacher_state.items()}, tmp / "teacher.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                   tmp / "optimizer.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in sorted(self.checkpoints.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: Path, model: torch.nn.Module, teacher, optimizer, scheduler) -> dict:
+        trainable = load_file(path / "trainable.safetensors")
+        params = dict(model.named_parameters())
+        missing = [n for n in trainable if n not in params]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} does not match the model (e.g. {missing[0]})")
+        with torch.no_grad():
+            for n, t in trainable.items():
+                params[n].copy_(t)
+        if (path / "teacher.safetensors").exists():
+            teacher.load_state_dict(load_file(path / "teacher.safetensors"))
+        opt = torch.load(path / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(opt["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / "state.json").read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,442 @@
+"""The training loop: GRPO and SDPO (the baselines PMD is measured against), one readable step at a time.
+
+One step, in order:
+  1. take the next `problems_per_step` problems (shuffled per epoch, deterministic by seed)
+  2. sample `group_size` completions per problem from the current policy (memory-free, as at deployment)
+  3. verify each completion: reward in [0, 1] and a feedback string
+  4. sdpo: build each rollout's teacher prompt (SDPO reprompt: first other passing sibling as demonstration,
+     else the rollout's own feedback, else no signal)
+  5. update: per-token loss on the student's own completions, gradient accumulation over micro-batches,
+     `optimizer_steps_per_batch` optimizer steps (later ones off-policy, hence the clips)
+  6. sdpo: one EMA update of the teacher
+  7. log a metrics row and the rollouts; evaluate every `eval_every`; checkpoint every `save_every`
+
+Simplifications and choices, against the references (lasgroup/SDPO, TRL):
+  - Loss: `grpo` is Dr.GRPO-style (advantage r - mean(group), no std, no KL, token-mean, PPO clip 0.2/0.28).
+    `sdpo` is SDPO's logit-level loss (student top-k + tail, alpha-JSD, IS clip 2, sequence token-mean then
+    batch mean) with an optional GRPO term of weight `grpo_weight`.
+  - bf16 runs matmuls in bf16 under autocast with float32 trainable weights (pure bf16 AdamW loses updates).
+  - Dropout stays off in both passes (the model is never put in train mode): teacher targets must not be noisy.
+  - An over-long teacher prompt drops its demonstration (never cuts the problem or the instruction).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pmd import losses
+from pmd.config import Config
+from pmd.evaluate import encode_chat, evaluate
+from pmd.models import load_model_and_tokenizer
+from pmd.rollout import completion_logits, generate, pack
+from pmd.runlog import RunDir, seed_everything
+from pmd.tasks import Problem, load_task
+from pmd.teacher import TeacherWeights, reprompt, sdpo_choices
+
+
+class Trainer:
+    """Holds the model, optimizer, teacher and data of one run; `train_step` is one step of the loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        seed_everything(cfg.seed)
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+
+        self.task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
+        self.train_problems = self.task.problems("train", cfg.train_problems)
+        self.eval_problems = self.task.problems("eval", cfg.eval_problems) if cfg.eval_problems else []
+
+        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.bfloat16
+                                                              if cfg.dtype == "bfloat16" else torch.float32)
+        self.model = prepare_for_training(self.model, cfg)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.teacher = TeacherWeights(self.model, cfg.teacher_model_kind, cfg.teacher_update_rate)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           betas=(cfg.adam_beta1, cfg.adam_beta2))
+        warmup = cfg.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self._prompt_ids: dict[str, list[int]] = {}
+
+    # ------------------------------------------------------------------------------------------------ data
+    def problems_for_step(self, step: int) -> list[Problem]:
+        """Problems of step `step` (1-based): consecutive slices of per-epoch permutations of the pool."""
+        n, P = len(self.train_problems), self.cfg.problems_per_step
+        out = []
+        for pos in range((step - 1) * P, step * P):
+            epoch, i = divmod(pos, n)
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            out.append(self.train_problems[int(torch.randperm(n, generator=g)[i])])
+        return out
+
+    def prompt_ids(self, problem: Problem) -> list[int]:
+        if problem.id not in self._prompt_ids:
+            self._prompt_ids[problem.id] = encode_chat(self.tokenizer, self.task.messages(problem))
+        return self._prompt_ids[problem.id]
+
+    # ------------------------------------------------------------------------------------------------ step
+    def train_step(self, step: int) -> tuple[dict, list[dict]]:
+        """One step of the loop. Returns the metrics row and the rollout rows."""
+        cfg, G = self.cfg, self.cfg.group_size
+        timer = PhaseTimer()
+
+        # ---- 1-2. rollouts: G samples per problem from the current policy, memory-free
+        with timer("generate"):
+            problems_P = self.problems_for_step(step)
+            problem_B = [p for p in problems_P for _ in range(G)]
+            prompts_B = [self.prompt_ids(p) for p in problem_B]
+            completions_B, finished_B = generate(
+                self.model, self.tokenizer, prompts_B, max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature, top_p=cfg.top_p, greedy=False,
+                batch_size=cfg.generation_batch_size, autocast_dtype=self.autocast_dtype)
+            texts_B = self.tokenizer.batch_decode(completions_B, skip_special_tokens=True)
+
+        # ---- 3. verify
+        with timer("verify"):
+            verdicts_B = [self.task.verify(p, t) for p, t in zip(problem_B, texts_B)]
+            rewards_B = torch.tensor([v.reward for v in verdicts_B], dtype=torch.float32)
+            passed_B = [r >= cfg.success_threshold for r in rewards_B.tolist()]
+            advantages_B = losses.group_advantages(rewards_B, G)
+
+        # ---- 4. teacher prompts (sdpo): SDPO's reprompt within each group
+        teacher_prompts_B: list[list[int] | None] = [None] * len(problem_B)
+        kinds_B = ["none"] * len(problem_B)
+        if cfg.method == "sdpo":
+            with timer("teacher_context"):
+                teacher_prompts_B, kinds_B = self.sdpo_teacher_prompts(problem_B, texts_B, passed_B,
+                                                                      [v.feedback for v in verdicts_B])
+
+        # ---- 5. update
+        update_metrics = self.update(prompts_B, completions_B, advantages_B, teacher_prompts_B, timer)
+
+        # ---- 6. teacher EMA, once per rollout batch (skipped when the gradient was not finite)
+        if math.isfinite(update_metrics["grad_norm"]):
+            self.teacher.update(self.model)
+
+        # ---- metrics and rollout rows
+        lengths = [len(c) for c in completions_B]
+        passed_P = [any(passed_B[i * G:(i + 1) * G]) for i in range(len(problems_P))]
+        row = {
+            "step": step,
+            "loss": update_metrics.pop("loss"),
+            "reward_mean": rewards_B.mean().item(),
+            "reward_std": rewards_B.std().item() if len(rewards_B) > 1 else 0.0,
+            "success_sample_fraction": sum(passed_B) / len(passed_B),
+            "success_group_fraction": sum(passed_P) / len(passed_P),
+            "completion_length_mean": sum(lengths) / len(lengths),
+            "completion_clipped_fraction": 1 - sum(finished_B) / len(finished_B),
+            "rollouts": step * len(problem_B),
+            **update_metrics,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        if cfg.method == "sdpo":
+            row["teacher_signal_fraction"] = sum(k != "none" for k in kinds_B) / len(kinds_B)
+            row["demonstration_fraction"] = kinds_B.count("demonstration") / len(kinds_B)
+            row["feedback_used_fraction"] = kinds_B.count("feedback") / len(kinds_B)
+        row.update({f"time/{k}": round(v, 3) for k, v in timer.seconds.items()})
+        rollout_rows = [
+            {"step": step, "problem": p.id, "completion": t, "reward": v.reward, "feedback": v.feedback,
+             "extracted": v.extracted, "advantage": round(a, 4), "teacher_context": k}
+            for p, t, v, a, k in zip(problem_B, texts_B, verdicts_B, advantages_B.tolist(), kinds_B)]
+        return row, rollout_rows
+
+    def sdpo_teacher_prompts(self, problem_B, texts_B, passed_B, feedback_B):
+        """Token ids of each rollout's teacher prompt (None: no signal) and which context it got."""
+        G = self.cfg.group_size
+        prompts: list[list[int] | None] = []
+        kinds: list[str] = []
+        for g in range(0, len(problem_B), G):
+            choices = sdpo_choices(texts_B[g:g + G], passed_B[g:g + G], feedback_B[g:g + G],
+                                   self.cfg.use_feedback)
+            messages = self.task.messages(problem_B[g])
+            for choice in choices:
+                ids, kind = None, "none"
+                for demo, fb in ((choice.demonstration, None), (None, choice.feedback)):
+                    if demo or fb:
+                        ids = encode_chat(self.tokenizer, reprompt(messages, demo, fb))
+                        if len(ids) <= self.cfg.max_teacher_prompt_tokens:
+                            kind = "demonstration" if demo else "feedback"
+                            break
+                        ids = None  # too long: drop the demonstration, never cut the problem
+                prompts.append(ids)
+                kinds.append(kind)
+        return prompts, kinds
+
+    def update(self, prompts_B, completions_B, advantages_B, teacher_prompts_B, timer) -> dict:
+        """Loss, backward over micro-batches, optimizer step(s). Returns loss and update metrics."""
+        cfg = self.cfg
+        B = len(prompts_B)
+        old_logps = None
+        if cfg.optimizer_steps_per_batch > 1:  # later mini-batches are off-policy: keep the sampling policy
+            with timer("old_logprobs"):
+                old_logps = self.sampling_logprobs(prompts_B, completions_B)
+        sums: dict[str, float] = defaultdict(float)
+        grad_norms = []
+        for mini in _split(list(range(B)), cfg.optimizer_steps_per_batch):
+            n_seq = len(mini)
+            n_tok = sum(max(1, len(completions_B[i])) for i in mini)
+            for micro in _chunks(mini, cfg.micro_batch_size):
+                loss, m = self.micro_batch_loss(micro, prompts_B, completions_B, advantages_B,
+                                                teacher_prompts_B, old_logps, n_seq, n_tok, timer)
+                with timer("backward"):
+                    loss.backward()
+                for k, v in m.items():
+                    sums[k] += v
+            with timer("optimizer"):
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                grad_norms.append(norm.item())
+                if math.isfinite(norm.item()):
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+        n_mini = cfg.optimizer_steps_per_batch
+        out = {"loss": sums.pop("loss") / n_mini, "grad_norm": sum(grad_norms) / len(grad_norms)}
+        if "divergence_tokens" in sums:
+            tokens = sums.pop("divergence_tokens")
+            out["teacher_student_divergence"] = sums.pop("divergence_sum") / tokens if tokens else 0.0
+        out.update({k: v / n_mini for k, v in sums.items()})
+        return out
+
+    def micro_batch_loss(self, micro, prompts_B, completions_B, advantages_B, teacher_prompts_B,
+                         old_logps, n_seq, n_tok, timer):
+        cfg = self.cfg
+        batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id)
+        mask = batch.completion_mask.float()
+        R = batch.completion_len
+        with timer("student_forward"), self.autocast():
+            logits = completion_logits(self.model, batch, cfg.temperature)  # (b, R, V)
+            logp = losses.token_logprobs(logits, batch.completion_ids)  # (b, R)
+        old = old_logps[micro, :R] if old_logps is not None else logp.detach()
+        metrics: dict[str, float] = {}
+
+        grpo_loss = logits.new_zeros(())
+        if cfg.method == "grpo" or cfg.grpo_weight > 0:
+            per_token = losses.grpo_token_loss(logp, old, advantages_B[micro], cfg.grpo_clip_low,
+                                               cfg.grpo_clip_high)
+            grpo_loss = losses.token_mean(per_token, mask, num_tokens=n_tok)
+            metrics["grpo_loss"] = grpo_loss.item()
+        if cfg.method == "grpo":
+            metrics["loss"] = grpo_loss.item()
+            return grpo_loss, metrics
+
+        # sdpo: distill the teacher's next-token distribution on the student's own completion tokens
+        rows = [j for j, i in enumerate(micro) if teacher_prompts_B[i] is not None]
+        distill_loss = logits.sum() * 0.0  # graph-attached zero when no rollout has a signal
+        if rows:
+            teacher_batch = pack([teacher_prompts_B[micro[j]] for j in rows],
+                                 [completions_B[micro[j]] for j in rows], self.pad_id)
+            with timer("teacher_forward"), torch.no_grad(), self.autocast():
+                forward = functools.partial(self.teacher.forward, self.model)
+                teacher_logits = completion_logits(forward, teacher_batch, cfg.temperature)
+            student_logits = logits[rows, :teacher_batch.completion_len]
+            per_token = losses.topk_divergence(student_logits, teacher_logits,
+                                               topk=cfg.distillation_topk or None,
+                                               alpha=cfg.distillation_alpha,
+                                               add_tail=cfg.distillation_add_tail)
+            r = teacher_batch.completion_len
+            weight = losses.importance_weight(logp[rows, :r], old[rows, :r], cfg.distillation_is_clip)
+            row_mask = mask[rows, :r]
+            distill_loss = losses.seq_mean_token_mean(per_token * weight, row_mask, num_sequences=n_seq)
+            metrics["divergence_sum"] = (per_token.detach() * row_mask).sum().item()
+            metrics["divergence_tokens"] = row_mask.sum().item()
+        metrics["distill_loss"] = distill_loss.item()
+        loss = (1 - cfg.grpo_weight) * distill_loss + cfg.grpo_weight * grpo_loss
+        metrics["loss"] = loss.item()
+        return loss, metrics
+
+    @torch.no_grad()
+    def sampling_logprobs(self, prompts_B, completions_B) -> torch.Tensor:
+        """log pi_old(y_t) of every completion token before any update: (B, R_max)."""
+        R = max(1, max(len(c) for c in completions_B))
+        out = torch.zeros(len(prompts_B), R)
+        for micro in _chunks(list(range(len(prompts_B))), self.cfg.micro_batch_size):
+            batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id)
+            with self.autocast():
+                logits = completion_logits(self.model, batch, self.cfg.temperature)
+                out[micro, :batch.completion_len] = losses.token_logprobs(logits, batch.completion_ids).float()
+        return out
+
+    # ------------------------------------------------------------------------------------------------ eval
+    def evaluate(self, step: int) -> dict:
+        cfg = self.cfg
+        return evaluate(self.model, self.tokenizer, self.task, self.eval_problems, samples=cfg.eval_samples,
+                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
+                        autocast_dtype=self.autocast_dtype, seed=cfg.seed + 1, desc=f"eval@{step}")
+
+    def autocast(self):
+        return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def save_final(self, path: Path) -> None:
+        """A plain transformers folder: LoRA merged in float32, so small updates are not rounded away."""
+        model = self.model
+        if self.cfg.finetune == "lora":
+            model = model.merge_and_unload()
+        model = model.to(torch.float32)
+        model.config.use_cache = True
+        model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
+    """Run (or resume) a full training run; returns the run folder."""
+    explicit_keys = explicit_keys or set()
+    if not cfg.output_dir:
+        cfg.output_dir = str(Path("runs") / f"{cfg.run_name()}-{datetime.now():%Y%m%d-%H%M%S}")
+    run = RunDir(cfg.output_dir)
+    resuming = run.exists()
+    if resuming:
+        cfg = run.resume_config(cfg, explicit_keys)
+    run.write_config(cfg)
+
+    t0 = time.time()
+    trainer = Trainer(cfg)
+    start = 1
+    checkpoint = run.latest_checkpoint() if resuming else None
+    if checkpoint is not None:
+        state = trainer_load(run, trainer, checkpoint)
+        start = state["step"] + 1
+        run.truncate_after(state["step"])
+        tqdm.write(f"resuming {run.path} from step {state['step']}")
+    elif resuming:
+        run.truncate_after(-1)  # nothing was checkpointed: start over cleanly
+    _say(f"run folder: {run.path}  |  method={cfg.method} model={cfg.model} task={cfg.task}")
+
+    if start == 1 and cfg.eval_problems:
+        before = trainer.evaluate(0)
+        run.append("metrics.jsonl", [{"step": 0, **_eval_fields(before)}])
+        _say(f"held-out accuracy before training: {_fmt_eval(before)}")
+
+    bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc="train", unit="step")
+    for step in bar:
+        row, rollouts = trainer.train_step(step)
+        if cfg.eval_problems and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            t = time.time()
+            row.update(_eval_fields(trainer.evaluate(step)))
+            row["time/eval"] = round(time.time() - t, 3)
+        run.append("rollouts.jsonl", rollouts)
+        run.append("metrics.jsonl", [row])
+        bar.write(_step_line(row, cfg))
+        if step == cfg.steps or step % cfg.save_every == 0:
+            run.save_checkpoint(step, trainer.model, trainer.teacher.state_dict(), trainer.optimizer,
+                                trainer.scheduler, {"wall_seconds": time.time() - t0}, cfg.keep_checkpoints)
+    bar.close()
+
+    trainer.save_final(run.path / "final")
+    summary = _summary(run, cfg, time.time() - t0)
+    (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+    _say(f"held-out accuracy after training:  {_fmt_eval(summary.get('after', {}))}")
+    _say(f"final model: {run.path / 'final'}  (load with AutoModelForCausalLM.from_pretrained)")
+    return run.path
+
+
+def trainer_load(run: RunDir, trainer: Trainer, checkpoint: Path) -> dict:
+    return run.load_checkpoint(checkpoint, trainer.model, trainer.teacher, trainer.optimizer, trainer.scheduler)
+
+
+def prepare_for_training(model, cfg: Config):
+    """Wrap the model with LoRA adapters (float32), or make every weight a float32 trainable master copy."""
+    if cfg.finetune == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+                          target_modules=targets if targets == "all-linear" else targets.split(","))
+        model = get_peft_model(model, lora)  # adapters are float32 (PEFT's autocast_adapter_dtype)
+    else:
+        model = model.to(torch.float32)
+        model.requires_grad_(True)
+    model.eval()  # dropout off in every pass; gradients still flow
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+class PhaseTimer:
+    """Accumulates wall seconds per named phase."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t
+            self.seconds["step"] = time.perf_counter() - self.start
+
+
+def _split(items: list, n: int) -> list[list]:
+    """n nearly equal consecutive parts."""
+    k, r = divmod(len(items), n)
+    out, i = [], 0
+    for j in range(n):
+        size = k + (1 if j < r else 0)
+        out.append(items[i:i + size])
+        i += size
+    return [o for o in out if o]
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _eval_fields(result: dict) -> dict:
+    out = {"eval_accuracy": result["accuracy"], "eval_accuracy_greedy": result["accuracy_greedy"],
+           "eval_n": result["n"], "eval_k": result["k"]}
+    if "pass_at_k" in result:
+        out["eval_pass_at_k"] = result["pass_at_k"]
+    return out
+
+
+def _fmt_eval(e: dict) -> str:
+    if not e:
+        return "n/a"
+    return (f"mean@{e.get('eval_k', e.get('k'))} {e.get('eval_accuracy', e.get('accuracy')):.3f}, "
+            f"greedy {e.get('eval_accuracy_greedy', e.get('accuracy_greedy')):.3f} "
+            f"(n={e.get('eval_n', e.get('n'))})")
+
+
+def _step_line(row: dict, cfg: Config) -> str:
+    parts = [f"step {row['step']}/{cfg.steps}", f"loss {row['loss']:.4f}", f"reward {row['reward_mean']:.3f}"]
+    if "teacher_signal_fraction" in row:
+        parts.append(f"signal {row['teacher_signal_fraction']:.2f}")
+    parts.append(f"gnorm {row['grad_norm']:.3f}")
+    if "eval_accuracy" in row:
+        parts.append(f"eval {row['eval_accuracy']:.3f} (greedy {row['eval_accuracy_greedy']:.3f})")
+    parts.append(f"gen {row.get('time/generate', 0):.1f}s")
+    train = sum(row.get(f"time/{k}", 0) for k in ("student_forward", "teacher_forward", "backward", "optimizer"))
+    parts.append(f"train {train:.1f}s")
+    parts.append(f"{row['time/step']:.1f}s")
+    return " | ".join(parts)
+
+
+def _summary(run: RunDir, cfg: Config, wall: float) -> dict:
+    evals = [{k: v for k, v in r.items() if k.startswith("eval_") or k == "step"}
+             for r in run.read("metrics.jsonl") if "eval_accuracy" in r]
+    out = {"method": cfg.method, "model": cfg.model, "task": cfg.task, "steps": cfg.steps,
+           "wall_seconds_this_session": round(wall, 1)}
+    if evals:
+        out["before"], out["after"] = evals[0], evals[-1]
+    return out
+
+
+def _say(msg: str) -> None:
+    tqdm.write(msg)

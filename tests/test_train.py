@@ -1,0 +1,161 @@
+# pytest tests/test_train.py -q
+"""The whole loop on a tiny randomly initialised model (built offline): run folder, methods, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pmd.config import Config, ConfigError, apply
+from pmd.train import Trainer, train
+
+TINY = dict(model="tiny-random", steps=4, problems_per_step=2, group_size=4, max_new_tokens=12,
+            eval_problems=4, eval_samples=2, eval_every=2, save_every=1, micro_batch_size=4,
+            train_problems=20, threads=1, learning_rate=1e-3, distillation_topk=20)
+
+
+def tiny(tmp_path: Path, **kw) -> Config:
+    return apply(Config(), {**TINY, "output_dir": str(tmp_path / "run"), **kw})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["sdpo", "grpo"])
+def test_loop_writes_complete_run_folder(tmp_path, method):
+    run = train(tiny(tmp_path, method=method))
+    for name in ["config.yaml", "metrics.jsonl", "rollouts.jsonl", "summary.json", "final/config.json",
+                 "final/model.safetensors", "final/tokenizer.json"]:
+        assert (run / name).exists(), name
+    rows = metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2] and "eval_accuracy" in rows[4]
+    for r in rows[1:]:
+        assert {"loss", "reward_mean", "grad_norm", "time/generate", "time/step"} <= r.keys()
+        if method == "sdpo":
+            assert 0 <= r["teacher_signal_fraction"] <= 1
+    rollouts = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 4 * 2 * 4 and {"completion", "reward", "feedback"} <= rollouts[0].keys()
+    # final/ is a plain transformers folder
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+
+
+def test_training_changes_trainable_parameters(tmp_path):
+    # random rewards are all zero on a random model, so GRPO has no signal; SDPO with feedback always has one
+    trainer = Trainer(tiny(tmp_path, method="sdpo"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    row, _ = trainer.train_step(1)
+    assert row["teacher_signal_fraction"] > 0 and row["grad_norm"] > 0
+    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    # LoRA B starts at zero, so A gets no gradient on the first step; every B must move
+    assert changed and all(n in changed for n in before if "lora_B" in n)
+
+
+def test_micro_batching_does_not_change_the_gradient(tmp_path):
+    grads = []
+    for micro in (8, 3):
+        trainer = Trainer(tiny(tmp_path, micro_batch_size=micro, dtype="float32", max_grad_norm=0.0))
+        trainer.optimizer.step = lambda: None  # keep weights: compare the accumulated gradient only
+        torch.manual_seed(0)
+        captured = {}
+        orig = torch.nn.utils.clip_grad_norm_
+
+        def capture(params, max_norm):
+            params = list(params)
+            captured["g"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+            return orig(params, max_norm)
+
+        torch.nn.utils.clip_grad_norm_ = capture
+        try:
+            trainer.train_step(1)
+        finally:
+            torch.nn.utils.clip_grad_norm_ = orig
+        grads.append(captured["g"])
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def _final_weights(run: Path) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def test_resume_continues_exactly(tmp_path):
+    full = train(tiny(tmp_path / "a"))
+    # the same run in two sessions: stop after step 2, then ask for 4 steps on the same folder
+    part = tiny(tmp_path / "b", steps=2)
+    train(part)
+    resumed = train(apply(part, {"steps": 4}), explicit_keys={"steps"})
+    a, b = metrics(full), metrics(resumed)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert ra.get("loss") == rb.get("loss") and ra.get("reward_mean") == rb.get("reward_mean")
+    wa, wb = _final_weights(full), _final_weights(resumed)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_and_resume(tmp_path):
+    """SIGKILL a training process mid-run, rerun the same command: the run finishes as if never killed."""
+    reference = train(tiny(tmp_path / "ref", steps=5, eval_every=0))
+    out = tmp_path / "killed"
+    args = [f"{k}={v}" for k, v in {**TINY, "steps": 5, "eval_every": 0, "output_dir": out}.items()]
+    cmd = [sys.executable, "-m", "pmd", "train", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-000002")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    a, b = metrics(reference), metrics(out)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
+    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    wa, wb = _final_weights(reference), _final_weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg = tiny(tmp_path, steps=1, eval_problems=0)
+    train(cfg)
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(apply(cfg, {"learning_rate": 1.0}), explicit_keys={"learning_rate"})
+
+
+def test_off_policy_minibatches_run(tmp_path):
+    run = train(tiny(tmp_path, steps=1, eval_problems=0, optimizer_steps_per_batch=2, grpo_weight=0.5))
+    assert metrics(run)[-1]["step"] == 1
+
+
+def test_cli_errors_name_the_key(tmp_path):
+    def pmd(*args):
+        return subprocess.run([sys.executable, "-m", "pmd", *args], capture_output=True, text=True)
+
+    r = pmd("train", "stpes=3")
+    assert r.returncode != 0 and "stpes" in r.stderr and "steps" in r.stderr
+    r = pmd("train", "method=ppo")
+    assert r.returncode != 0 and "grpo" in r.stderr and "sdpo" in r.stderr
+    r = pmd("train", "model=smollm2-135m", f"output_dir={tmp_path / 'x'}")
+    assert r.returncode != 0 and "smollm2-135m-instruct" in r.stderr
+    r = pmd("eval", "tiny-random", "learning_rate=1")
+    assert r.returncode != 0 and "learning_rate" in r.stderr
+
+
+def test_eval_prints_json(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pmd", "eval", "tiny-random", "eval_problems=3", "eval_samples=2",
+                        "max_new_tokens=8", "threads=1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["n"] == 3 and 0 <= result["accuracy"] <= 1 and "accuracy_greedy" in result
