@@ -88,8 +88,7 @@ def _eval(model: str, args: list[str]) -> None:
     lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
     result = evaluate(lm, tokenizer, task, problems, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
                       top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens,
-                      batch_size=cfg.generation_batch_size,
-                      autocast_dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else None, seed=cfg.seed + 1)
+                      batch_size=cfg.generation_batch_size, seed=cfg.seed + 1)
     print(json.dumps({"model": model, "task": cfg.task, **result}))
 
 

@@ -20,8 +20,7 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def evaluate(model, tokenizer, task: Task, problems: list[Problem], *, samples: int, temperature: float,
-             top_p: float, max_new_tokens: int, batch_size: int, autocast_dtype: torch.dtype | None,
-             seed: int, desc: str = "eval") -> dict:
+             top_p: float, max_new_tokens: int, batch_size: int, seed: int, desc: str = "eval") -> dict:
     """Returns {accuracy, accuracy_greedy, pass_at_k, n, k}. `accuracy` is mean@k (greedy when k = 0)."""
     prompts = [encode_chat(tokenizer, task.messages(p)) for p in problems]
     n = len(problems)
@@ -38,7 +37,7 @@ def evaluate(model, tokenizer, task: Task, problems: list[Problem], *, samples: 
                 chunk = job_prompts[start:start + batch_size]
                 completions, _ = generate(model, tokenizer, chunk, max_new_tokens=max_new_tokens,
                                           temperature=temperature, top_p=top_p, greedy=kind == "greedy",
-                                          batch_size=batch_size, autocast_dtype=autocast_dtype)
+                                          batch_size=batch_size)
                 for j, ids in enumerate(completions):
                     problem = problems[(start + j) // (1 if kind == "greedy" else samples)]
                     text = tokenizer.decode(ids, skip_special_tokens=True)

@@ -68,8 +68,7 @@ def trim_completion(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, greedy: bool, batch_size: int, autocast_dtype: torch.dtype | None
-             ) -> tuple[list[list[int]], list[bool]]:
+             top_p: float, greedy: bool, batch_size: int) -> tuple[list[list[int]], list[bool]]:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, with a KV cache.
 
     Returns the completion token ids (trimmed after EOS) and whether each finished with EOS.
@@ -88,10 +87,8 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
             attention_mask[i, P - len(p):] = 1
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
                                                                top_p=top_p, top_k=0)
-        with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                 eos_token_id=sorted(eos_ids), use_cache=True, **sampling)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_id, eos_token_id=sorted(eos_ids), use_cache=True, **sampling)
         for row in out[:, P:].tolist():
             ids, done = trim_completion(row, eos_ids)
             completions.append(ids)
@@ -105,3 +102,41 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+class SamplingCopy:
+    """A plain (no adapters, no autocast) copy of the policy in the compute dtype, used for sampling.
+
+    Sampling runs one small forward per token, where LoRA's extra matmuls and autocast's per-op dispatch cost
+    more than the model itself on CPU. So, like trainers that sample with an inference engine (vLLM in TRL and
+    verl), pmd samples from a copy whose weights are refreshed after every update: LoRA deltas merged in
+    float32 and rounded once to the compute dtype. The trainable weights are never touched by the merge.
+    """
+
+    def __init__(self, base_model: torch.nn.Module, dtype: torch.dtype):
+        import copy
+
+        self.model = copy.deepcopy(base_model).to(dtype)  # a plain transformers model
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    @torch.no_grad()
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Copy the policy's current weights in (merging LoRA adapters, if any)."""
+        target = dict(self.model.named_parameters())
+        for name, module in policy.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):  # a LoRA layer
+                merged = module.base_layer.weight.float()
+                for adapter in module.active_adapters:
+                    merged = merged + module.get_delta_weight(adapter).float()
+                target[_plain_name(name) + ".weight"].copy_(merged)
+        for name, p in policy.named_parameters():
+            plain = _plain_name(name)
+            if p.requires_grad and plain in target and "lora_" not in name:  # full fine-tuning
+                target[plain].copy_(p)
+
+
+def _plain_name(peft_name: str) -> str:
+    """`base_model.model.model.layers.0.q_proj.base_layer` -> `model.layers.0.q_proj` (transformers names)."""
+    name = peft_name.removeprefix("base_model.model.")
+    return name.replace(".base_layer", "")

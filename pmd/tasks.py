@@ -11,11 +11,14 @@ The student gets a single user message: the dataset's question, a newline, and
 ``ANSWER_INSTRUCTION``, i.e.::
 
     {question}
-    Give your final answer on the last line in the form: Answer: <answer>
+    Work it out, then give the final answer as "Answer: <answer>".
 
-(see ``PROMPT_TEMPLATE``). This was the best of several wordings measured on
-SmolLM2-135M-Instruct on the default task (numbers in the ``DEFAULT_TASK``
-comment). No system message is added; the chat template may add its own.
+(see ``PROMPT_TEMPLATE``). Of 19 wordings measured with SmolLM2-135M-Instruct
+on the default task this one scored best. That model rarely writes the
+"Answer:" line itself (wordings that made it start with "Answer:" cut its
+accuracy to under 10%), so extraction falls back to the last number; trained
+students learn the marker. No system message is added; the chat template may
+add its own.
 
 Train / eval split
 ------------------
@@ -23,8 +26,9 @@ Each question text is assigned to train or eval by a hash of the text (one in
 ``EVAL_SHARE`` goes to eval), so the two splits are disjoint by question text
 for every seed and every ``n``. Within a split, problems are drawn from a
 reasoning-gym stream whose seed is derived from (dataset, split, seed), so the
-same seed always gives the same problems. Eval problems are also de-duplicated
-by question text so that accuracy counts each held-out question once.
+same seed always gives the same problems. Neither split is de-duplicated, so
+both follow the dataset's own distribution (a small question space, such as
+one-digit sums, repeats within a split, never across splits).
 ``problems(split, n)`` is prefix-stable: asking for more problems appends to
 the list (true for every reasoning-gym dataset whose items depend only on the
 seed and the index, which is all of them except ``acre``).
@@ -42,12 +46,12 @@ from typing import Any, Literal, Protocol
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
 
-# SmolLM2-135M-Instruct scores about 1 in 4 here (greedy, this prompt): hard
-# enough to learn from, easy enough that rewards are not all zero.
+# SmolLM2-135M-Instruct gets 86 of 250 held-out problems right here (34%,
+# greedy, this prompt): hard enough to learn, easy enough for non-zero rewards.
 DEFAULT_TASK = "chain_sum"
 DEFAULT_TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
 
-ANSWER_INSTRUCTION = "Give your final answer on the last line in the form: Answer: <answer>"
+ANSWER_INSTRUCTION = 'Work it out, then give the final answer as "Answer: <answer>".'
 PROMPT_TEMPLATE = "{question}\n" + ANSWER_INSTRUCTION
 
 NO_ANSWER_FEEDBACK = "No final answer found; end with 'Answer: <answer>'."
@@ -217,21 +221,16 @@ class ReasoningGymTask:
             return []
         dataset = self._dataset(split, size=_SCAN_FACTOR * n + 100)
         picked: list[Problem] = []
-        seen: set[str] = set()
         for index in range(len(dataset)):
             entry = dataset[index]
-            question = entry["question"]
-            if _is_eval_question(question) != (split == "eval"):
+            if _is_eval_question(entry["question"]) != (split == "eval"):
                 continue
-            if split == "eval" and question in seen:
-                continue
-            seen.add(question)
             picked.append(_to_problem(entry, f"{self.name}/{split}/{index}"))
             if len(picked) == n:
                 return picked
         raise ValueError(
             f"Only found {len(picked)} of {n} {split} problems for '{self.name}' "
-            f"with params {self.params}; the dataset may have too few distinct questions."
+            f"with params {self.params}; its questions may rarely fall in this split."
         )
 
     def messages(self, problem: Problem) -> list[dict]:

@@ -38,7 +38,7 @@ from pmd import losses
 from pmd.config import Config
 from pmd.evaluate import encode_chat, evaluate
 from pmd.models import load_model_and_tokenizer
-from pmd.rollout import completion_logits, generate, pack
+from pmd.rollout import SamplingCopy, completion_logits, generate, pack
 from pmd.runlog import RunDir, seed_everything
 from pmd.tasks import Problem, load_task
 from pmd.teacher import TeacherWeights, reprompt, sdpo_choices
@@ -60,7 +60,9 @@ class Trainer:
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.bfloat16
                                                               if cfg.dtype == "bfloat16" else torch.float32)
+        self.sampler = SamplingCopy(self.model, self.model.dtype)  # rollouts and evaluation sample from it
         self.model = prepare_for_training(self.model, cfg)
+        self.sampler.sync(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.teacher = TeacherWeights(self.model, cfg.teacher_model_kind, cfg.teacher_update_rate)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -99,9 +101,9 @@ class Trainer:
             problem_B = [p for p in problems_P for _ in range(G)]
             prompts_B = [self.prompt_ids(p) for p in problem_B]
             completions_B, finished_B = generate(
-                self.model, self.tokenizer, prompts_B, max_new_tokens=cfg.max_new_tokens,
+                self.sampler.model, self.tokenizer, prompts_B, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, greedy=False,
-                batch_size=cfg.generation_batch_size, autocast_dtype=self.autocast_dtype)
+                batch_size=cfg.generation_batch_size)
             texts_B = self.tokenizer.batch_decode(completions_B, skip_special_tokens=True)
 
         # ---- 3. verify
@@ -125,6 +127,8 @@ class Trainer:
         # ---- 6. teacher EMA, once per rollout batch (skipped when the gradient was not finite)
         if math.isfinite(update_metrics["grad_norm"]):
             self.teacher.update(self.model)
+        with timer("sync_sampler"):
+            self.sampler.sync(self.model)
 
         # ---- metrics and rollout rows
         lengths = [len(c) for c in completions_B]
@@ -188,7 +192,9 @@ class Trainer:
         for mini in _split(list(range(B)), cfg.optimizer_steps_per_batch):
             n_seq = len(mini)
             n_tok = sum(max(1, len(completions_B[i])) for i in mini)
-            for micro in _chunks(mini, cfg.micro_batch_size):
+            # similar lengths share a micro-batch: less padding; the exact denominators keep the gradient
+            by_length = sorted(mini, key=lambda i: len(prompts_B[i]) + len(completions_B[i]))
+            for micro in _chunks(by_length, cfg.micro_batch_size):
                 loss, m = self.micro_batch_loss(micro, prompts_B, completions_B, advantages_B,
                                                 teacher_prompts_B, old_logps, n_seq, n_tok, timer)
                 with timer("backward"):
@@ -273,10 +279,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ eval
     def evaluate(self, step: int) -> dict:
         cfg = self.cfg
-        return evaluate(self.model, self.tokenizer, self.task, self.eval_problems, samples=cfg.eval_samples,
-                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
+        return evaluate(self.sampler.model, self.tokenizer, self.task, self.eval_problems,
+                        samples=cfg.eval_samples, temperature=cfg.eval_temperature, top_p=cfg.eval_top_p,
                         max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
-                        autocast_dtype=self.autocast_dtype, seed=cfg.seed + 1, desc=f"eval@{step}")
+                        seed=cfg.seed + 1, desc=f"eval@{step}")
 
     def autocast(self):
         return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
@@ -346,7 +352,9 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
 
 
 def trainer_load(run: RunDir, trainer: Trainer, checkpoint: Path) -> dict:
-    return run.load_checkpoint(checkpoint, trainer.model, trainer.teacher, trainer.optimizer, trainer.scheduler)
+    state = run.load_checkpoint(checkpoint, trainer.model, trainer.teacher, trainer.optimizer, trainer.scheduler)
+    trainer.sampler.sync(trainer.model)
+    return state
 
 
 def prepare_for_training(model, cfg: Config):
