@@ -51,7 +51,7 @@ class Config:
 
     # ---------------------------------------------------------------- task
     task: str = _f("chain_sum", "Task name: any reasoning-gym dataset name.")
-    task_params: dict = _f({"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
+    task_params: dict = _f({"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 3},
                            "Task parameters (a YAML mapping, e.g. task_params='{max_digits: 2}').")
     train_problems: int = _f(1000, "Size of the training problem pool (cycled in epochs).")
     eval_problems: int = _f(50, "Number of held-out problems for evaluation (disjoint from training).")

@@ -16,9 +16,8 @@ The student gets a single user message: the dataset's question, a newline, and
 (see ``PROMPT_TEMPLATE``). Of 19 wordings measured with SmolLM2-135M-Instruct
 on the default task this one scored best. That model rarely writes the
 "Answer:" line itself (wordings that made it start with "Answer:" cut its
-accuracy to under 10%), so extraction falls back to the last number; trained
-students learn the marker. No system message is added; the chat template may
-add its own.
+accuracy to about 10%), so extraction usually falls back to the last number.
+No system message is added; the chat template may add its own.
 
 Train / eval split
 ------------------
@@ -46,10 +45,12 @@ from typing import Any, Literal, Protocol
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
 
-# SmolLM2-135M-Instruct gets 86 of 250 held-out problems right here (34%,
-# greedy, this prompt): hard enough to learn, easy enough for non-zero rewards.
+# Sums/differences of two numbers with 1-3 digits. SmolLM2-135M-Instruct gets
+# 107 of 300 eval problems right (36%, greedy, this prompt): about 75% of the
+# one-digit, 25% of the two-digit and 1% of the three-digit ones, so there is
+# both signal now and room to improve.
 DEFAULT_TASK = "chain_sum"
-DEFAULT_TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
+DEFAULT_TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 3}
 
 ANSWER_INSTRUCTION = 'Work it out, then give the final answer as "Answer: <answer>".'
 PROMPT_TEMPLATE = "{question}\n" + ANSWER_INSTRUCTION
@@ -146,7 +147,7 @@ def _marker_values(text: str) -> list[str]:
         inner = _braced(text, m.end())
         if inner is not None:
             found.append((m.start(), inner))
-    return [value for _, value in sorted(found)]
+    return [value for _, value in sorted(found, key=lambda item: item[0])]
 
 
 def _braced(text: str, start: int) -> str | None:
@@ -211,7 +212,8 @@ class ReasoningGymTask:
             self._scorer = self._dataset("train", size=1)
         except (AssertionError, ValueError, TypeError) as error:
             # reasoning-gym validates configs with bare asserts; say which task failed.
-            raise ValueError(f"Invalid parameters {self.params} for task {name!r}: {error}") from error
+            message = f"Invalid parameters {self.params} for task {name!r}: {error}"
+            raise ValueError(message) from error
 
     def problems(self, split: Split, n: int) -> list[Problem]:
         """The first `n` problems of a split (see the module docstring)."""
@@ -237,6 +239,12 @@ class ReasoningGymTask:
         return [{"role": "user", "content": PROMPT_TEMPLATE.format(question=problem.question)}]
 
     def verify(self, problem: Problem, response: str) -> Verdict:
+        """Extract the answer and score it with the dataset's own scorer.
+
+        Some scorers give partial credit: chain_sum gives len(reference) /
+        len(answer) when the reference appears inside the answer (0.5 for "13"
+        when the reference is "3").
+        """
         extracted = extract_answer(response, numeric=_is_number(problem.answer))
         reward = 0.0 if extracted is None else self._score(problem, extracted)
         return Verdict(reward=reward, feedback=feedback_for(extracted, reward), extracted=extracted)
@@ -270,12 +278,16 @@ def _check_names(name: str, params: dict) -> None:
     valid = [f.name for f in dataclasses.fields(config_cls) if f.name not in _RESERVED_PARAMS]
     for key in params:
         if key in _RESERVED_PARAMS:
-            raise ValueError(f"Parameter {key!r} of {name!r} is set by pmd; pass seed to load_task instead.")
+            raise ValueError(
+                f"Parameter {key!r} of {name!r} is set by pmd: "
+                "seed comes from load_task, size from problems()."
+            )
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(
-                f"Unknown parameter {key!r} for task {name!r}.{hint} Valid parameters: {', '.join(valid)}."
+                f"Unknown parameter {key!r} for task {name!r}.{hint} "
+                f"Valid parameters: {', '.join(valid)}."
             )
 
 

@@ -1,0 +1,50 @@
+# pytest tests/test_config.py -q
+"""Config parsing: defaults, YAML + key=value, errors that name the key and the valid choices."""
+
+import pytest
+
+from pmd import tasks
+from pmd.config import Config, ConfigError, build, help_text
+
+
+def test_defaults_match_the_default_task():
+    cfg = Config()
+    assert cfg.task == tasks.DEFAULT_TASK and cfg.task_params == tasks.DEFAULT_TASK_PARAMS
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("method: grpo\nsteps: 7\ntask_params: {max_digits: 2}\n")
+    cfg = build([str(path), "steps=9", "learning_rate=1e-4", "use_feedback=false"])
+    assert (cfg.method, cfg.steps, cfg.learning_rate, cfg.use_feedback) == ("grpo", 9, 1e-4, False)
+    assert cfg.task_params == {"max_digits": 2}
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("stpes=3", ["stpes", "steps"]),
+    ("method=ppo", ["method", "grpo", "sdpo"]),
+    ("teacher_model_kind=frozen", ["teacher_model_kind", "ema", "live", "base"]),
+    ("steps=1.5", ["steps", "integer"]),
+    ("steps=0", ["steps", ">= 1"]),
+    ("distillation_alpha=1.5", ["distillation_alpha", "[0, 1]"]),
+    ("use_feedback=maybe", ["use_feedback", "true or false"]),
+    ("task_params=[1, 2]", ["task_params", "mapping"]),
+    ("learning_rate=fast", ["learning_rate", "number"]),
+    ("steps", ["key=value"]),
+])
+def test_errors_name_the_key(arg, words):
+    with pytest.raises(ConfigError) as e:
+        build([arg])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_missing_yaml_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        build([str(tmp_path / "nope.yaml")])
+
+
+def test_help_lists_every_key():
+    text = help_text()
+    for name in Config.__dataclass_fields__:
+        assert f"  {name}=" in text
