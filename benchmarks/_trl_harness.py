@@ -72,7 +72,11 @@ class VerifierReward:
 
 # ------------------------------------------------------------------------------------------------ timing
 class PhaseClock:
-    """Wall seconds per phase for the current optimizer step, filled by wrapped trainer methods."""
+    """Wall seconds per phase for the current optimizer step, filled by wrapped trainer methods.
+
+    Phases named `total_*` enclose others (e.g. total_prepare = generation + rewards + teacher context + the rest
+    of TRL's batch preparation); all other phases are disjoint.
+    """
 
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
@@ -216,7 +220,7 @@ def run(method: str, cfg, timed_steps: int) -> dict:
         )
         trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=dataset,
                               processing_class=tokenizer, peft_config=lora)
-        clock.wrap(trainer, "_generate_and_score_completions", "prepare")
+        clock.wrap(trainer, "_generate_and_score_completions", "total_prepare")
         clock.wrap(trainer, "_generate", "generate")
         clock.wrap(trainer, "_get_per_token_logps_and_entropies", "student_forward")
     elif method == "sdpo":
@@ -266,7 +270,7 @@ def run(method: str, cfg, timed_steps: int) -> dict:
 
         builder.build = build_with_verifier_feedback
         clock.wrap(builder, "build", "teacher_context")
-        clock.wrap(trainer, "_prepare_training_batch", "prepare")
+        clock.wrap(trainer, "_prepare_training_batch", "total_prepare")
         clock.wrap(trainer, "_generate", "generate")
         clock.wrap(trainer, "_forward_logits",
                    lambda: "student_forward" if torch.is_grad_enabled() else "teacher_forward")
@@ -275,7 +279,7 @@ def run(method: str, cfg, timed_steps: int) -> dict:
 
     assert args.generation_batch_size == rollouts and args.steps_per_generation == args.gradient_accumulation_steps
     clock.wrap(trainer, "_calculate_rewards", "verify")
-    clock.wrap(trainer, "compute_loss", "loss_total")
+    clock.wrap(trainer, "compute_loss", "total_compute_loss")
     accelerator = trainer.accelerator
     backward = accelerator.backward
 

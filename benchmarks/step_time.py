@@ -31,9 +31,11 @@ Settings shared by both sides (all read from one pmd `Config`, so the TRL arm fo
 
 Differences that remain (implementation choices of the two libraries, i.e. part of what is measured, or not
 configurable in TRL):
-  1. Generation precision: pmd samples under bf16 autocast; TRL calls `generate` outside the accelerator's
-     autocast, so the float32 LoRA adapters make PEFT run the adapter matmuls in float32 during generation
-     (the base weights are bf16 on both sides). Training forwards run under bf16 autocast on both sides.
+  1. Sampling model: TRL calls `generate` on the training model itself: the PEFT model with bf16 base weights
+     and float32 adapters, outside the accelerator's autocast, so PEFT runs the adapter matmuls in float32 on
+     every decoding step. pmd (at the time of writing) samples from a plain bf16 copy of the policy with the LoRA
+     deltas merged in, re-synced after every optimizer step (its `sync_sampler` phase). Training forwards run
+     under bf16 autocast with float32 adapters on both sides.
   2. Log-probs (grpo): TRL patches the model with its fused, tiled LM head (`add_fused_lm_head`) that returns
      log-probs and the entropy (always computed, for its `entropy` metric) of the real completion tokens only; pmd
      materialises (batch, R, vocab) logits for the completion columns and takes a log-softmax.
@@ -67,15 +69,19 @@ methods on the instance: generate = `_generate`, verify = `_calculate_rewards`, 
 `_forward_logits` with / without grad (sdpo), backward = `accelerator.backward`, optimizer = end of the last
 backward to `on_step_end` (clip, AdamW, scheduler, zero_grad, EMA callback). On both sides `other` is the step
 time minus the listed phases (tokenisation, decoding, padding, advantages, the loss itself, EMA for pmd, ...).
-Per-phase figures are medians over the timed steps, so they need not add up to the median step time.
+Phases pmd reports beyond the list above (e.g. `sync_sampler`) get their own column. Per-phase figures are
+medians over the timed steps, so they need not add up to the median step time.
 
 Run
 ---
-    python benchmarks/step_time.py                 # both methods, 3 timed steps per arm (tens of minutes on CPU)
+    python benchmarks/step_time.py                 # both methods, 3 timed steps per arm
     python benchmarks/step_time.py --steps 2 --out step_time.json
     python benchmarks/step_time.py --methods grpo   # one method only
 
-Progress goes to stderr; the final tables and one JSON line with every figure go to stdout.
+Progress goes to stderr; the final tables and one JSON line with every figure go to stdout. On an idle 2-core
+CPU the whole run takes about 5 minutes with --steps 2 (each arm also pays model loading and one warm-up step).
+Timings on a shared machine are noisy (the 1-minute load average around each arm is recorded in the JSON):
+compare arms from the same run, and repeat the run before trusting a small difference.
 """
 
 from __future__ import annotations
@@ -179,14 +185,15 @@ def run_arm(method: str, side: str, timed_steps: int) -> dict:
         result_file = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", f"{side}:{method}",
                "--steps", str(timed_steps), "--result-file", str(result_file)]
+        load_before = os.getloadavg()[0]
         t = time.perf_counter()
         proc = subprocess.run(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
         wall = time.perf_counter() - t
+        load = {"loadavg_1min_before": load_before, "loadavg_1min_after": os.getloadavg()[0]}
         if proc.returncode != 0 or not result_file.exists():
-            return {"error": f"subprocess exited with code {proc.returncode}", "wall_seconds": wall}
+            return {"error": f"subprocess exited with code {proc.returncode}", "wall_seconds": wall, **load}
         out = json.loads(result_file.read_text())
-    out["wall_seconds"] = wall
-    return out
+    return {**out, "wall_seconds": wall, **load}
 
 
 def summarize(out: dict) -> dict:
@@ -194,12 +201,14 @@ def summarize(out: dict) -> dict:
     if "error" in out:
         return out
     timed = out["steps"][1:]
+    names = sorted({n for s in timed for n in s["phases"]}, key=lambda n: (n not in PHASES, PHASES.index(n)
+                                                                           if n in PHASES else n))
     phases: dict[str, float] = {}
-    for name in PHASES:
-        values = [s["phases"].get(name, 0.0) for s in timed]
-        if any(values):
-            phases[name] = statistics.median(values)
-    others = [s["seconds"] - sum(s["phases"].get(n, 0.0) for n in PHASES) for s in timed]
+    for name in names:
+        phases[name] = statistics.median(s["phases"].get(name, 0.0) for s in timed)
+    # disjoint phases only: pmd's own "step" and TRL's enclosing "total_*" are not parts of the step
+    others = [s["seconds"] - sum(v for n, v in s["phases"].items() if n != "step" and not n.startswith("total_"))
+              for s in timed]
     phases["other"] = statistics.median(others)
 
     def mean_of(key):
@@ -237,8 +246,11 @@ def report(results: dict, timed_steps: int, wall: float) -> dict:
                      f"{fmt(trl.get('completion_length_mean'), 10)}{fmt(pmd.get('completion_length_mean'), 10)}")
     lines += ["", "Per-phase medians (seconds; 'other' = step minus the listed phases)", ""]
     names = {"teacher_context": "teach_ctx", "student_forward": "stud_fwd", "teacher_forward": "teach_fwd"}
-    cols = PHASES + ["other"]
-    lines.append(f"{'arm':<10}{'step':>8}" + "".join(f"{names.get(c, c):>10}" for c in cols))
+    extra = sorted({n for m in methods for arm in results[m].values() for n in arm.get("phases_median", {})
+                    if n not in PHASES and n not in ("step", "other") and not n.startswith("total_")})
+    cols = PHASES + extra + ["other"]
+    widths = [max(10, len(names.get(c, c)) + 2) for c in cols]
+    lines.append(f"{'arm':<10}{'step':>8}" + "".join(f"{names.get(c, c):>{w}}" for c, w in zip(cols, widths)))
     for method in methods:
         for side in ("trl", "pmd"):
             arm = results[method].get(side)
@@ -250,9 +262,12 @@ def report(results: dict, timed_steps: int, wall: float) -> dict:
                 continue
             ph = arm["phases_median"]
             lines.append(f"{label:<10}{fmt(arm['median_step_seconds'], 8)}"
-                         + "".join(fmt(ph.get(c), 10, 2 if c in ('verify', 'teacher_context', 'optimizer') else 1)
-                                   for c in cols))
-    lines += ["", f"whole benchmark: {wall / 60:.1f} min"]
+                         + "".join(fmt(ph.get(c), w, 2 if c in ('verify', 'teacher_context', 'optimizer') else 1)
+                                   for c, w in zip(cols, widths)))
+    loads = [f"{side}-{m} {arm['loadavg_1min_before']:.1f}->{arm['loadavg_1min_after']:.1f}"
+             for m in methods for side, arm in results[m].items() if "loadavg_1min_before" in arm]
+    lines += ["", f"1-min load average before->after each arm ({THREADS} threads per arm): " + ", ".join(loads),
+              f"whole benchmark: {wall / 60:.1f} min"]
     print("\n".join(lines), flush=True)
     return summary
 

@@ -58,42 +58,81 @@ def completion_logits(forward, batch: Packed, temperature: float = 1.0) -> torch
     return logits / temperature if temperature != 1.0 else logits
 
 
-def trim_completion(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
-    """Cut a generated row after its first EOS (kept, so the model learns to stop). Returns (ids, finished)."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[: i + 1], True
-    return ids, False
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
              top_p: float, greedy: bool, batch_size: int) -> tuple[list[list[int]], list[bool]]:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, with a KV cache.
 
-    Returns the completion token ids (trimmed after EOS) and whether each finished with EOS.
+    Returns the completion token ids (trimmed after EOS, which is kept) and whether each finished with EOS.
+    Sampling draws from torch's global RNG, so it is reproducible under a seed.
     """
     eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id
     completions: list[list[int]] = []
     finished: list[bool] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        P = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), P), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(chunk):
-            input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            attention_mask[i, P - len(p):] = 1
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                               top_p=top_p, top_k=0)
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_id, eos_token_id=sorted(eos_ids), use_cache=True, **sampling)
-        for row in out[:, P:].tolist():
-            ids, done = trim_completion(row, eos_ids)
-            completions.append(ids)
-            finished.append(done)
+        ids, done = _decode(model, prompts[start:start + batch_size], tokenizer.pad_token_id, eos_ids,
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy)
+        completions += ids
+        finished += done
     return completions, finished
+
+
+def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, max_new_tokens: int,
+            temperature: float, top_p: float, greedy: bool) -> tuple[list[list[int]], list[bool]]:
+    """Token-by-token decoding that drops finished rows from the batch and the KV cache.
+
+    `model.generate` keeps computing every row until the longest one stops; with completions of very different
+    lengths (a few tokens to `max_new_tokens`) most of that work is padding. Here a row leaves the batch as
+    soon as it emits EOS, so the cost follows the tokens actually generated.
+    """
+    from transformers import DynamicCache
+
+    b, P = len(prompts), max(len(p) for p in prompts)
+    input_ids = torch.full((b, P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    cache = DynamicCache(config=model.config)
+    out_ids: list[list[int]] = [[] for _ in range(b)]
+    done = [False] * b
+    rows = torch.arange(b)  # original index of each row still in the batch
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    next_pos = position_ids[:, -1] + 1
+    for t in range(max_new_tokens):
+        tokens = _sample(logits.float(), temperature, top_p, greedy)
+        for r, tok in zip(rows.tolist(), tokens.tolist()):
+            out_ids[r].append(tok)
+        stopped = torch.isin(tokens, eos)
+        for r in rows[stopped].tolist():
+            done[r] = True
+        if t == max_new_tokens - 1 or bool(stopped.all()):
+            break
+        if bool(stopped.any()):  # drop finished rows from the batch and the cache
+            keep = (~stopped).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tokens, next_pos, attention_mask = rows[keep], tokens[keep], next_pos[keep], attention_mask[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_pos[:, None],
+                       cache=cache, use_cache=True).logits[:, -1, :]
+        next_pos = next_pos + 1
+    return out_ids, done
+
+
+def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
+    """Next token per row: argmax, or temperature + nucleus (top-p) sampling."""
+    if greedy:
+        return logits_V.argmax(-1)
+    probs = torch.softmax(logits_V / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1).squeeze(1)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
