@@ -1,0 +1,78 @@
+# pytest tests/test_rollout.py -q
+"""Sampling loop and batch layout, on the tiny random model (offline)."""
+
+from __future__ import annotations
+
+import torch
+
+from pmd.models import load_model_and_tokenizer
+from pmd.rollout import SamplingCopy, _decode, _sample, completion_logits, pack
+
+
+def tiny():
+    return load_model_and_tokenizer("tiny-random", dtype=torch.float32)
+
+
+def hf_greedy(model, prompt, max_new, eos):
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)[0, len(prompt):].tolist()
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+def test_greedy_decode_matches_generate_with_rows_stopping_early():
+    model, tok = tiny()
+    prompts = [tok(t)["input_ids"] for t in ["12 + 7 =", "a much longer prompt here: 3 + 4 =", "x", "99-1"]]
+    # pick as EOS a token that some rows emit early, so rows leave the batch at different steps
+    free_run = [hf_greedy(model, p, 12, eos=-1) for p in prompts]
+    eos = free_run[0][3]
+    ids, done = _decode(model, prompts, tok.pad_token_id, {eos}, max_new_tokens=12, temperature=1.0, top_p=1.0,
+                        greedy=True)
+    expected = [hf_greedy(model, p, 12, eos) for p in prompts]
+    assert ids == expected
+    assert done == [eos in e for e in expected] and any(done) and not all(len(e) == 12 for e in expected)
+
+
+def test_sampling_is_seeded():
+    model, tok = tiny()
+    prompts = [tok("5 + 5 =")["input_ids"]] * 4
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        runs.append(_decode(model, prompts, tok.pad_token_id, {tok.eos_token_id}, max_new_tokens=8,
+                            temperature=1.0, top_p=1.0, greedy=False)[0])
+    assert runs[0] == runs[1]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.manual_seed(0)
+    draws = {int(_sample(logits, 1.0, 0.7, greedy=False)) for _ in range(300)}
+    assert draws == {0, 1}  # 0.5 alone < 0.7, 0.5 + 0.3 >= 0.7
+    assert int(_sample(logits, 1.0, 1.0, greedy=True)) == 0
+
+
+def test_pack_aligns_completions_and_scores_them():
+    model, tok = tiny()
+    prompts, completions = [[5, 6, 7], [8]], [[9, 10], [11, 12, 13]]
+    batch = pack(prompts, completions, pad_id=0)
+    assert batch.completion_ids.tolist() == [[9, 10, 0], [11, 12, 13]]
+    assert batch.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    logits = completion_logits(model, batch)
+    # row 1 alone, unpadded: the same logits for its completion tokens
+    alone = model(input_ids=torch.tensor([[8, 11, 12, 13]])).logits[0, :-1]
+    assert torch.allclose(logits[1], alone, atol=1e-5)
+
+
+def test_sampling_copy_matches_the_lora_policy():
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = tiny()
+    copy = SamplingCopy(model, torch.float32)
+    policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    copy.sync(policy)
+    x = torch.randint(4, 100, (2, 9))
+    assert torch.allclose(policy(input_ids=x).logits, copy.model(input_ids=x).logits, atol=1e-4)
