@@ -150,6 +150,11 @@ def _make_step_callback(trainer, clock: PhaseClock, reward: VerifierReward, tag:
 def run(method: str, cfg, timed_steps: int) -> dict:
     """Build TRL's trainer for `method` ("grpo" or "sdpo") from pmd's cfg, train 1 warm-up + `timed_steps`
     optimizer steps, and return per-step wall times and phases."""
+    with tempfile.TemporaryDirectory(prefix=f"pmd-bench-trl-{method}-") as scratch:
+        return _run(method, cfg, timed_steps, scratch)
+
+
+def _run(method: str, cfg, timed_steps: int, scratch: str) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -177,7 +182,7 @@ def run(method: str, cfg, timed_steps: int) -> dict:
     rollouts = G * P
     assert rollouts % cfg.micro_batch_size == 0
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix=f"pmd-bench-{tag}-"),
+        output_dir=scratch,  # nothing is saved there (save_strategy="no"); removed on exit
         use_cpu=True, bf16=cfg.dtype == "bfloat16", seed=cfg.seed,
         report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0, max_steps=total_steps,
