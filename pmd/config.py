@@ -57,7 +57,9 @@ class Config:
     eval_problems: int = _f(50, "Number of held-out problems for evaluation (disjoint from training).")
 
     # ---------------------------------------------------------------- method and rollouts
-    method: Literal["grpo", "sdpo"] = _f("sdpo", "Training method.")
+    method: Literal["grpo", "sdpo"] = _f(
+        "grpo", "Training method. The default is grpo because pure sdpo lowered the 135M default model's "
+                "accuracy in our measurements (README, Results so far).")
     steps: int = _f(20, "Number of training steps (one rollout batch each).")
     problems_per_step: int = _f(4, "Problems per step.")
     group_size: int = _f(8, "Rollouts per problem (TRL: num_generations).")
