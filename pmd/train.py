@@ -289,10 +289,9 @@ class Trainer:
 
     def save_final(self, path: Path) -> None:
         """A plain transformers folder: LoRA merged in float32, so small updates are not rounded away."""
-        model = self.model
+        model = self.model.to(torch.float32)  # before merging: PEFT merges in the base weights' dtype
         if self.cfg.finetune == "lora":
             model = model.merge_and_unload()
-        model = model.to(torch.float32)
         model.config.use_cache = True
         model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

@@ -159,3 +159,17 @@ def test_eval_prints_json(tmp_path):
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["n"] == 3 and 0 <= result["accuracy"] <= 1 and "accuracy_greedy" in result
+
+
+def test_final_model_equals_the_policy_that_was_evaluated(tmp_path):
+    """final/ loaded in bf16 has exactly the weights the sampling copy had (LoRA merged in fp32, rounded once)."""
+    from pmd.models import load_model_and_tokenizer
+
+    trainer = Trainer(tiny(tmp_path, learning_rate=1e-2))
+    trainer.train_step(1)
+    trainer.train_step(2)
+    sampled = {n: p.detach().clone() for n, p in trainer.sampler.model.named_parameters()}
+    trainer.save_final(tmp_path / "final")
+    loaded, _ = load_model_and_tokenizer(str(tmp_path / "final"), dtype=torch.bfloat16)
+    for n, p in loaded.named_parameters():
+        assert torch.equal(p, sampled[n]), n
