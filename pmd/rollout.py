@@ -152,10 +152,12 @@ class SamplingCopy:
     float32 and rounded once to the compute dtype. The trainable weights are never touched by the merge.
     """
 
-    def __init__(self, base_model: torch.nn.Module, dtype: torch.dtype):
+    def __init__(self, base_model: torch.nn.Module):
         import copy
 
-        self.model = copy.deepcopy(base_model).to(dtype)  # a plain transformers model
+        # a plain transformers model, as loaded: no `.to(dtype)`, which would also round float32 buffers such
+        # as the rotary frequencies and change every logit
+        self.model = copy.deepcopy(base_model)
         self.model.requires_grad_(False)
         self.model.eval()
 

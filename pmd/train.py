@@ -60,7 +60,7 @@ class Trainer:
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.bfloat16
                                                               if cfg.dtype == "bfloat16" else torch.float32)
-        self.sampler = SamplingCopy(self.model, self.model.dtype)  # rollouts and evaluation sample from it
+        self.sampler = SamplingCopy(self.model)  # rollouts and evaluation sample from it
         self.model = prepare_for_training(self.model, cfg)
         self.sampler.sync(self.model)
         self.pad_id = self.tokenizer.pad_token_id

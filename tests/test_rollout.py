@@ -67,7 +67,7 @@ def test_sampling_copy_matches_the_lora_policy():
     from peft import LoraConfig, get_peft_model
 
     model, tok = tiny()
-    copy = SamplingCopy(model, torch.float32)
+    copy = SamplingCopy(model)
     policy = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
     with torch.no_grad():
         for n, p in policy.named_parameters():
@@ -76,3 +76,15 @@ def test_sampling_copy_matches_the_lora_policy():
     copy.sync(policy)
     x = torch.randint(4, 100, (2, 9))
     assert torch.allclose(policy(input_ids=x).logits, copy.model(input_ids=x).logits, atol=1e-4)
+
+
+def test_sampling_copy_keeps_float32_buffers():
+    """Casting the copy to bf16 would round the rotary frequencies and change every logit."""
+    model, _ = load_model_and_tokenizer("tiny-random", dtype=torch.bfloat16)
+    copy = SamplingCopy(model)
+    buffers = dict(copy.model.named_buffers())
+    for name, b in model.named_buffers():
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    x = torch.randint(4, 100, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x).logits, copy.model(input_ids=x).logits)
