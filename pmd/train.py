@@ -324,7 +324,8 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
 
     if start == 1 and cfg.eval_problems:
         before = trainer.evaluate(0)
-        run.append("metrics.jsonl", [{"step": 0, **_eval_fields(before)}])
+        before = _eval_fields(before)
+        run.append("metrics.jsonl", [{"step": 0, **before}])
         _say(f"held-out accuracy before training: {_fmt_eval(before)}")
 
     bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc="train", unit="step")
@@ -414,11 +415,11 @@ def _eval_fields(result: dict) -> dict:
 
 
 def _fmt_eval(e: dict) -> str:
+    """One line from metric-row eval fields (`_eval_fields`)."""
     if not e:
         return "n/a"
-    return (f"mean@{e.get('eval_k', e.get('k'))} {e.get('eval_accuracy', e.get('accuracy')):.3f}, "
-            f"greedy {e.get('eval_accuracy_greedy', e.get('accuracy_greedy')):.3f} "
-            f"(n={e.get('eval_n', e.get('n'))})")
+    return (f"mean@{e['eval_k']} {e['eval_accuracy']:.3f}, greedy {e['eval_accuracy_greedy']:.3f} "
+            f"(n={e['eval_n']})")
 
 
 def _step_line(row: dict, cfg: Config) -> str:
