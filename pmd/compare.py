@@ -1,0 +1,398 @@
+"""`pmd compare`: a grid of arms x seeds on one task and model, at equal rollout budgets, and its results table.
+
+A grid folder holds:
+
+    grid.yaml          the resolved grid: shared config, arms, seeds (a resumed grid must match it)
+    configs/ARM-sS.yaml  each run's full config (what `pmd train` is given)
+    runs/ARM-sS/       each run's ordinary run folder (metrics, rollouts, memory, checkpoints, report)
+    logs/ARM-sS.log    each run's console output
+    results.md/.csv    the table: final held-out accuracy per arm, mean and 95% CI over seeds, and the
+                       difference to SDPO and to GRPO paired by seed
+
+Every arm shares the grid's config (model, task, steps, problems per step, group size, evaluation points and
+held-out set), and changes only the keys of its method: the rollout budget is equal by construction.
+Running the same command again resumes: finished runs are skipped, a half-finished run resumes from its last
+checkpoint (`pmd train` on an existing run folder).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pmd import config as config_mod
+from pmd.config import ConfigError
+
+# Each arm is a set of config keys on top of the grid's shared config.
+ARMS: dict[str, dict] = {
+    "grpo": {"method": "grpo"},
+    "sdpo": {"method": "sdpo"},
+    "pmd": {"method": "pmd"},
+    "pmd-experience": {"method": "pmd", "memory_levels": ["experience"]},
+    "pmd-insight": {"method": "pmd", "memory_levels": ["experience", "insight"]},
+    "pmd-frozen-memory": {"method": "pmd", "freeze": "memory"},
+    "pmd-frozen-policy": {"method": "pmd", "freeze": "policy"},
+    "pmd-frozen-reflector": {"method": "pmd", "freeze": "reflector"},
+}
+ARM_HELP = {
+    "grpo": "GRPO, the RL baseline",
+    "sdpo": "SDPO: self-teacher reads a sibling's solution or the feedback",
+    "pmd": "PMD, all three memory levels (experience + insight + behavior)",
+    "pmd-experience": "PMD, experience only",
+    "pmd-insight": "PMD, experience + insight",
+    "pmd-frozen-memory": "PMD, memory frozen after `freeze_memory_after` steps",
+    "pmd-frozen-policy": "PMD, no weight updates: memory in the student's prompt (in-context)",
+    "pmd-frozen-reflector": "PMD, reflections written by the initial weights",
+}
+BASELINES = ("sdpo", "grpo")
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def arm_of(cfg: dict) -> str:
+    """The arm a run's config belongs to (the most specific match of ARMS), or its method."""
+    levels = list(cfg.get("memory_levels") or ["experience", "insight", "behavior"])
+    if cfg.get("method") != "pmd":
+        return str(cfg.get("method", "?"))
+    if cfg.get("freeze", "none") != "none":
+        return f"pmd-frozen-{cfg['freeze']}"
+    if levels == ["experience"]:
+        return "pmd-experience"
+    if levels == ["experience", "insight"]:
+        return "pmd-insight"
+    return "pmd"
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+@dataclass
+class Grid:
+    config: dict  # shared config keys (everything but the arm's keys, seed and output_dir)
+    arms: list[str]
+    seeds: list[int]
+    description: str = ""
+    jobs: int = 1
+
+    def run_name(self, arm: str, seed: int) -> str:
+        return f"{arm}-s{seed}"
+
+    def run_config(self, arm: str, seed: int, folder: Path) -> config_mod.Config:
+        """The full, validated config of one run."""
+        keys = {**self.config, **ARMS[arm], "seed": seed,
+                "output_dir": str(folder / "runs" / self.run_name(arm, seed))}
+        if not keys.get("threads"):  # share the cores between the runs that go at once
+            keys["threads"] = max(1, (os.cpu_count() or 1) // max(1, self.jobs))
+        return config_mod.apply(config_mod.Config(), keys)
+
+    def to_dict(self) -> dict:
+        return {"description": self.description, "arms": self.arms, "seeds": self.seeds,
+                "config": self.config}
+
+
+def list_presets() -> dict[str, str]:
+    """Packaged presets: name -> description."""
+    out = {}
+    for path in sorted(PRESETS_DIR.glob("*.yaml")):
+        out[path.stem] = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+    return out
+
+
+def load_grid(spec: str | Path) -> Grid:
+    """A grid from a packaged preset name, a grid YAML file, or an existing grid folder."""
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "grid.yaml"
+        if not path.exists():
+            raise ConfigError(f"{spec}: a folder without grid.yaml is not a grid folder")
+    elif not path.exists():
+        preset = PRESETS_DIR / f"{spec}.yaml"
+        if not preset.exists():
+            raise ConfigError(f"{spec!r} is neither a grid file or folder nor a preset; presets: "
+                              f"{', '.join(list_presets()) or '(none)'}")
+        path = preset
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid file is a mapping with config, arms and seeds")
+    unknown = set(raw) - {"description", "config", "arms", "seeds"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown grid key(s) {', '.join(sorted(unknown))}; "
+                          f"valid: description, config, arms, seeds")
+    return make_grid(raw.get("config") or {}, raw.get("arms") or ["grpo", "sdpo", "pmd"],
+                     raw.get("seeds") or [0], raw.get("description", ""))
+
+
+def make_grid(config: dict, arms, seeds, description: str = "") -> Grid:
+    """Validate arms, seeds and the shared config keys (arm keys, seed and output_dir belong to the grid)."""
+    if isinstance(arms, str):
+        arms = [a for a in arms.split(",") if a]
+    if isinstance(seeds, (str, int)):
+        seeds = [s for s in str(seeds).split(",") if s != ""]
+    bad = [a for a in arms if a not in ARMS]
+    if bad:
+        raise ConfigError(f"arms: {bad[0]!r} is not an arm; arms are {', '.join(ARMS)}")
+    try:
+        seeds = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise ConfigError(f"seeds: {seeds!r} must be integers") from None
+    if not arms or not seeds:
+        raise ConfigError("a grid needs at least one arm and one seed")
+    if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
+        raise ConfigError("arms and seeds must not repeat")
+    owned = {"seed", "output_dir"} | {k for a in ARMS.values() for k in a}
+    clash = sorted(set(config) & owned)
+    if clash:
+        raise ConfigError(f"config key(s) {', '.join(clash)} are set by each arm or seed, not by the grid")
+    config_mod.apply(config_mod.Config(), config)  # validates names and values; raises naming the key
+    return Grid(dict(config), list(arms), seeds, description)
+
+
+# ------------------------------------------------------------------------------------------------ running
+def run_done(run: Path) -> bool:
+    return (run / "summary.json").exists()
+
+
+def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = False,
+             python: str = sys.executable) -> list[tuple[str, int, str]]:
+    """Run every unfinished run of the grid (up to `jobs` at once); returns (arm, seed, status) per run."""
+    folder = Path(folder)
+    grid.jobs = jobs
+    _write_or_check_grid(grid, folder)
+    for sub in ("configs", "runs", "logs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    todo, status = [], []
+    for arm in grid.arms:  # arm-major: the baselines (listed first) finish first, so pairs form early
+        for seed in grid.seeds:
+            name = grid.run_name(arm, seed)
+            cfg = grid.run_config(arm, seed, folder)
+            config_path = folder / "configs" / f"{name}.yaml"
+            config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if run_done(Path(cfg.output_dir)):
+                status.append((arm, seed, "done"))
+            else:
+                todo.append((arm, seed, config_path))
+    _say(f"grid {folder}: {len(grid.arms)} arms x {len(grid.seeds)} seeds; {len(status)} done, "
+         f"{len(todo)} to run, {jobs} at once")
+    if dry_run:
+        return status + [(a, s, "todo") for a, s, _ in todo]
+
+    def launch(arm: str, seed: int, config_path: Path) -> tuple[str, int, str]:
+        name = grid.run_name(arm, seed)
+        log = folder / "logs" / f"{name}.log"
+        t0 = time.time()
+        # the child imports the same pmd as this process (a pinned checkout stays pinned)
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        with open(log, "a") as out:
+            out.write(f"\n===== pmd train {config_path}  ({time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+            out.flush()
+            code = subprocess.run([python, "-m", "pmd", "train", str(config_path)], stdout=out,
+                                  stderr=subprocess.STDOUT, env=env).returncode
+        minutes = (time.time() - t0) / 60
+        return arm, seed, ("done" if code == 0 and run_done(folder / "runs" / name)
+                           else f"failed (exit {code}, see {log})") + f" in {minutes:.1f} min"
+
+    finished = len(status)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(launch, *t) for t in todo]
+        for future in as_completed(futures):
+            arm, seed, what = future.result()
+            finished += 1
+            status.append((arm, seed, what))
+            _say(f"[{finished}/{len(grid.arms) * len(grid.seeds)}] {grid.run_name(arm, seed)}: {what}")
+            write_results(folder)  # the table grows as runs finish
+    return status
+
+
+def _write_or_check_grid(grid: Grid, folder: Path) -> None:
+    path = folder / "grid.yaml"
+    if path.exists():
+        stored = load_grid(folder)
+        if stored.config != grid.config:
+            diff = sorted(k for k in set(stored.config) | set(grid.config)
+                          if stored.config.get(k) != grid.config.get(k))
+            raise ConfigError(f"{folder} is a grid with a different shared config (keys: {', '.join(diff)}); "
+                              f"resume it with `pmd compare {folder}` or choose a new --out")
+        # arms and seeds may grow: a grid is extended, never silently changed
+        grid.arms = stored.arms + [a for a in grid.arms if a not in stored.arms]
+        grid.seeds = stored.seeds + [s for s in grid.seeds if s not in stored.seeds]
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class RunResult:
+    arm: str
+    seed: int
+    path: Path
+    evals: list[dict]  # rows with step, rollouts, eval_accuracy, eval_accuracy_greedy (step order)
+    diagnostics: dict = field(default_factory=dict)
+    finished: bool = False
+    wall_minutes: float = float("nan")
+
+    @property
+    def final(self) -> dict:
+        return self.evals[-1] if self.evals else {}
+
+    @property
+    def before(self) -> dict:
+        return self.evals[0] if self.evals and self.evals[0]["step"] == 0 else {}
+
+
+DIAGNOSTICS = ("teacher_signal_fraction", "teacher_prefers_pass", "teacher_lift_prefers_pass",
+               "teacher_student_divergence", "reward_mean")
+
+
+def load_run(path: str | Path) -> RunResult:
+    """A run folder's evaluations and per-run diagnostic means."""
+    import json
+
+    from pmd.runlog import RunDir
+
+    run = RunDir(path)
+    cfg = run.read_config()
+    per_step = cfg.problems_per_step * cfg.group_size
+    rows = run.read("metrics.jsonl")
+    evals = [{"step": r["step"], "rollouts": r["step"] * per_step, "eval_accuracy": r["eval_accuracy"],
+              "eval_accuracy_greedy": r.get("eval_accuracy_greedy")}
+             for r in rows if "eval_accuracy" in r]
+    train_rows = [r for r in rows if r.get("step", 0) > 0 and "loss" in r]
+    diagnostics = {}
+    for key in DIAGNOSTICS:
+        values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
+        if values:
+            diagnostics[key] = sum(values) / len(values)
+    calls = sum(r.get("reflect/calls", 0) for r in train_rows)
+    if calls:
+        diagnostics["reflect_parse_fail_rate"] = sum(r.get("reflect/parse_fail", 0) for r in train_rows) / calls
+    summary_path = Path(path) / "summary.json"
+    finished = summary_path.exists()
+    wall = sum(r.get("time/step", 0) + r.get("time/eval", 0) for r in train_rows) / 60
+    if finished:
+        wall = max(wall, json.loads(summary_path.read_text()).get("wall_seconds_this_session", 0) / 60)
+    return RunResult(arm_of(cfg.to_dict()), cfg.seed, Path(path), evals, diagnostics, finished, wall)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; nan below two values)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    from scipy import stats
+
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+
+
+def summarize(results: list[RunResult], metric: str = "eval_accuracy") -> list[dict]:
+    """One row per arm: final held-out accuracy over seeds, and the paired difference to each baseline.
+
+    Only finished runs count, so every arm is compared at the same (final) evaluation point.
+    """
+    done = [r for r in results if r.finished and r.final]
+    by_arm: dict[str, dict[int, RunResult]] = {}
+    for r in done:
+        by_arm.setdefault(r.arm, {})[r.seed] = r
+    order = [a for a in ARMS if a in by_arm] + sorted(a for a in by_arm if a not in ARMS)
+    rows = []
+    for arm in order:
+        runs = by_arm[arm]
+        seeds = sorted(runs)
+        row = {"arm": arm, "seeds": len(seeds), "rollouts": runs[seeds[0]].final["rollouts"]}
+        row["accuracy"], row["accuracy_ci"] = mean_ci([runs[s].final[metric] for s in seeds])
+        greedy = [runs[s].final.get("eval_accuracy_greedy") for s in seeds]
+        row["greedy"], row["greedy_ci"] = mean_ci([g for g in greedy if g is not None])
+        before = [runs[s].before.get(metric) for s in seeds if runs[s].before]
+        row["before"], _ = mean_ci(before)
+        for base in BASELINES:
+            paired = [runs[s].final[metric] - by_arm[base][s].final[metric]
+                      for s in seeds if base in by_arm and s in by_arm[base]]
+            row[f"vs_{base}"], row[f"vs_{base}_ci"] = mean_ci(paired) if arm != base else (float("nan"),) * 2
+            row[f"vs_{base}_pairs"] = len(paired) if arm != base else 0
+        for key in DIAGNOSTICS + ("reflect_parse_fail_rate",):
+            values = [runs[s].diagnostics[key] for s in seeds if key in runs[s].diagnostics]
+            row[key] = sum(values) / len(values) if values else float("nan")
+        row["minutes_per_run"] = sum(runs[s].wall_minutes for s in seeds) / len(seeds)
+        rows.append(row)
+    return rows
+
+
+def grid_runs(folder: str | Path) -> list[Path]:
+    """The run folders of a grid folder (those that have started)."""
+    runs = Path(folder) / "runs"
+    return sorted(p for p in runs.iterdir() if (p / "config.yaml").exists()) if runs.is_dir() else []
+
+
+def write_results(folder: str | Path) -> tuple[Path, Path]:
+    """results.md and results.csv of a grid folder, from the runs finished so far."""
+    folder = Path(folder)
+    results = [load_run(p) for p in grid_runs(folder)]
+    rows = summarize(results)
+    grid = load_grid(folder) if (folder / "grid.yaml").exists() else None
+    md = folder / "results.md"
+    md.write_text(results_markdown(rows, results, grid))
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / "results.csv").write_text(out.getvalue())
+    return md, folder / "results.csv"
+
+
+def _pct(mean: float, ci: float | None = None, signed: bool = False) -> str:
+    if mean is None or math.isnan(mean):
+        return "–"
+    text = f"{mean * 100:+.1f}" if signed else f"{mean * 100:.1f}"
+    if ci is not None and not math.isnan(ci):
+        text += f" ± {ci * 100:.1f}"
+    return text
+
+
+def _num(x: float, digits: int = 2) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
+
+
+def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | None = None) -> str:
+    lines = []
+    if grid is not None:
+        shared = ", ".join(f"{k}={v}" for k, v in grid.config.items())
+        lines += [f"Grid: {grid.description}".rstrip(), "", f"Shared config: `{shared}`", ""]
+    unfinished = [r for r in results if not r.finished]
+    lines += ["Held-out accuracy (%) at the final evaluation, memory-free: mean over seeds ± 95% CI "
+              "(Student t). Δ columns: the arm minus the baseline, paired by seed. "
+              "Diagnostics are means over training steps.", ""]
+    lines.append("| arm | seeds | rollouts | before | after (mean@k) | after (greedy) | Δ vs SDPO | Δ vs GRPO "
+                 "| teacher signal | teacher prefers pass | lift prefers pass | divergence | parse fail "
+                 "| min/run |")
+    lines.append("|" + "---|" * 14)
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {r['seeds']} | {r['rollouts']} | {_pct(r['before'])} | "
+            f"{_pct(r['accuracy'], r['accuracy_ci'])} | {_pct(r['greedy'], r['greedy_ci'])} | "
+            f"{_pct(r['vs_sdpo'], r['vs_sdpo_ci'], True)} | {_pct(r['vs_grpo'], r['vs_grpo_ci'], True)} | "
+            f"{_num(r['teacher_signal_fraction'])} | {_num(r['teacher_prefers_pass'])} | "
+            f"{_num(r['teacher_lift_prefers_pass'])} | {_num(r['teacher_student_divergence'], 3)} | "
+            f"{_num(r['reflect_parse_fail_rate'])} | {_num(r['minutes_per_run'], 1)} |")
+    if not rows:
+        lines.append("| (no finished runs yet) |" + " |" * 13)
+    if unfinished:
+        lines += ["", "Not finished yet (not in the table): " +
+                  ", ".join(f"{r.arm}-s{r.seed}" for r in unfinished)]
+    return "\n".join(lines) + "\n"
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
