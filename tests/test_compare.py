@@ -1,0 +1,138 @@
+"""`pmd compare`: grid specs, the results statistics, and a tiny grid end to end (with `pmd report`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+
+from pmd import compare
+from pmd.cli import main as cli
+from pmd.config import ConfigError
+from pmd.train import teacher_preference
+
+TINY_GRID = {"model": "tiny-random", "steps": 2, "problems_per_step": 2, "group_size": 4, "max_new_tokens": 8,
+             "eval_problems": 4, "eval_samples": 2, "eval_every": 1, "save_every": 1, "train_problems": 20,
+             "learning_rate": 1e-3, "distillation_topk": 20, "micro_batch_size": 4, "threads": 1}
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+def test_mean_ci_matches_scipy_t_interval():
+    values = [0.12, 0.30, 0.18, 0.25]
+    mean, half = compare.mean_ci(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=stats.tmean(values), scale=stats.sem(values))
+    assert mean == pytest.approx((low + high) / 2)
+    assert half == pytest.approx((high - low) / 2)
+
+
+def test_mean_ci_small_samples():
+    assert compare.mean_ci([0.4])[0] == 0.4
+    assert compare.mean_ci([0.4])[1] != compare.mean_ci([0.4])[1]  # nan: no interval from one seed
+    assert all(x != x for x in compare.mean_ci([]))
+
+
+def _result(arm, seed, final, before=0.1, finished=True, **diag):
+    evals = [{"step": 0, "rollouts": 0, "eval_accuracy": before, "eval_accuracy_greedy": before},
+             {"step": 4, "rollouts": 32, "eval_accuracy": final, "eval_accuracy_greedy": final / 2}]
+    return compare.RunResult(arm, seed, Path("."), evals, diag, finished, 1.0)
+
+
+def test_summarize_pairs_by_seed_and_skips_unfinished():
+    results = [_result("sdpo", 0, 0.20), _result("sdpo", 1, 0.30), _result("sdpo", 2, 0.50),
+               _result("pmd", 0, 0.25, teacher_prefers_pass=0.6), _result("pmd", 1, 0.40),
+               _result("pmd", 2, 0.90, finished=False)]
+    rows = {r["arm"]: r for r in compare.summarize(results)}
+    assert rows["pmd"]["seeds"] == 2  # the unfinished seed-2 run is not compared
+    assert rows["pmd"]["accuracy"] == pytest.approx(0.325)
+    # paired: seeds 0 and 1 only, differences 0.05 and 0.10
+    assert rows["pmd"]["vs_sdpo"] == pytest.approx(0.075)
+    assert rows["pmd"]["vs_sdpo_pairs"] == 2
+    assert rows["pmd"]["vs_sdpo_ci"] == pytest.approx(compare.mean_ci([0.05, 0.10])[1])
+    assert rows["sdpo"]["vs_sdpo_pairs"] == 0 and rows["pmd"]["vs_grpo_pairs"] == 0
+    assert rows["pmd"]["teacher_prefers_pass"] == pytest.approx(0.6)
+    assert list(rows) == ["sdpo", "pmd"]  # ARMS order
+
+
+def test_teacher_preference_counts_pass_fail_pairs_within_groups():
+    # group 0: pass 0 vs fails 1, 2; group 1: rollout 4 passes but no failing rollout was scored
+    logps = {0: (-1.0, -1.2), 1: (-2.0, -1.5), 2: (-0.5, -0.2), 4: (-1.0, -1.0)}
+    passed = [True, False, False, True, True, False, True, True]
+    out = teacher_preference(logps, passed, 4)
+    assert out["teacher_preference_pairs"] == 2
+    assert out["teacher_prefers_pass"] == 0.5  # above fail 1, below fail 2
+    assert out["teacher_lift_prefers_pass"] == 1.0  # lift +0.2 beats -0.5 and -0.3
+    assert teacher_preference({0: (-1, -1)}, [True, True], 2) == {}
+
+
+# ------------------------------------------------------------------------------------------------ grid spec
+def test_arm_of_round_trips_every_arm():
+    for arm, keys in compare.ARMS.items():
+        assert compare.arm_of({"method": "pmd", **keys}) == arm
+
+
+def test_presets_load_and_validate():
+    presets = compare.list_presets()
+    assert {"smollm2-chain-sum", "qwen-coder-humaneval"} <= set(presets)
+    a = compare.load_grid("smollm2-chain-sum")
+    assert set(a.arms) == set(compare.ARMS) and len(a.seeds) >= 3
+    b = compare.load_grid("qwen-coder-humaneval")
+    assert b.config["task"] == "humaneval" and len(b.seeds) >= 2
+
+
+@pytest.mark.parametrize("config, arms, seeds, message", [
+    ({}, ["grpo", "nope"], [0], "'nope' is not an arm"),
+    ({"method": "pmd"}, ["grpo"], [0], "set by each arm"),
+    ({"seed": 3}, ["grpo"], [0], "set by each arm"),
+    ({"stepz": 3}, ["grpo"], [0], "stepz"),
+    ({"steps": 0}, ["grpo"], [0], "steps"),
+    ({}, ["grpo"], ["x"], "seeds"),
+    ({}, ["grpo", "grpo"], [0], "repeat"),
+])
+def test_bad_grids_name_the_problem(config, arms, seeds, message):
+    with pytest.raises(ConfigError, match=message):
+        compare.make_grid(config, arms, seeds)
+
+
+def test_unknown_preset_lists_presets():
+    with pytest.raises(ConfigError, match="smollm2-chain-sum"):
+        compare.load_grid("no-such-preset")
+
+
+def test_resuming_with_a_different_config_is_refused(tmp_path):
+    grid = compare.make_grid(TINY_GRID, ["grpo"], [0])
+    compare.run_grid(grid, tmp_path / "g", dry_run=True)
+    changed = compare.make_grid({**TINY_GRID, "steps": 3}, ["grpo"], [0])
+    with pytest.raises(ConfigError, match="steps"):
+        compare.run_grid(changed, tmp_path / "g", dry_run=True)
+    grown = compare.make_grid(TINY_GRID, ["sdpo"], [1])  # arms and seeds may grow
+    status = compare.run_grid(grown, tmp_path / "g", dry_run=True)
+    assert {(a, s) for a, s, _ in status} == {("grpo", 0), ("grpo", 1), ("sdpo", 0), ("sdpo", 1)}
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_tiny_grid_end_to_end_with_report(tmp_path, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({"description": "tiny", "arms": ["grpo", "sdpo"], "seeds": [0, 1],
+                                    "config": TINY_GRID}))
+    out = tmp_path / "grid"
+    cli(["compare", str(spec), "--out", str(out), "--jobs", "2"])
+    for arm in ("grpo", "sdpo"):
+        for seed in (0, 1):
+            assert (out / "runs" / f"{arm}-s{seed}" / "summary.json").exists()
+    table = (out / "results.md").read_text()
+    assert "| grpo | 2 |" in table and "| sdpo | 2 |" in table
+    rows = (out / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("arm,seeds,rollouts,accuracy") and len(rows) == 3
+    run_cfg = yaml.safe_load((out / "runs" / "sdpo-s1" / "config.yaml").read_text())
+    assert (run_cfg["method"], run_cfg["seed"], run_cfg["steps"]) == ("sdpo", 1, 2)
+    html = (out / "report.html").read_text()
+    assert "grpo" in html and "sdpo" in html and "data:image/png;base64," in html
+
+    # a second call resumes: every run is done, nothing is trained again
+    before = {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
+    capsys.readouterr()
+    cli(["compare", str(out)])
+    assert "4 done, 0 to run" in capsys.readouterr().out
+    assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
