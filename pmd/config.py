@@ -98,6 +98,9 @@ class Config:
     teacher_update_rate: float = _f(0.05, "EMA rate tau: teacher <- (1-tau)*teacher + tau*student.")
     use_feedback: bool = _f(True, "Show the verifier feedback of a failed rollout to its teacher when no "
                                   "successful sibling exists (SDPO: feedback only without a solution).")
+    teacher_prefix_sharing: bool = _f(
+        True, "Teacher forward encodes each distinct teacher prompt once and runs the completions that share it "
+              "against its cached keys/values (same logits, fewer tokens computed; PMD_METHOD.md 3.10).")
     max_teacher_prompt_tokens: int = _f(2048, "Teacher prompt budget; an over-long demonstration is dropped, "
                                               "never cut.")
 

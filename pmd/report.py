@@ -46,8 +46,12 @@ SPARE_COLORS = ["#64b5cd", "#c44e52", "#17becf", "#bcbd22", "#1f77b4", "#ff7f0e"
 PHASES = ("generate", "verify", "memory_observe", "reflect", "consolidate", "teacher_context", "memory_record",
           "old_logprobs", "student_forward", "teacher_forward", "backward", "optimizer", "sync_sampler")
 NOT_PHASES = {"step", "memory", "eval"}
-PHASE_COLORS = ["#4c72b0", "#a1c9f4", "#55a868", "#8de5a1", "#2ca02c", "#dd8452", "#ffb482", "#937860",
-                "#8172b3", "#d0bbff", "#c44e52", "#ff9f9b", "#8c8c8c"]
+PHASE_COLORS = {  # blues: sampling, greens: memory work, purples/oranges/reds: the update, greys: the rest
+    "generate": "#4c72b0", "verify": "#a1c9f4", "memory_observe": "#1b7837", "reflect": "#5aae61",
+    "consolidate": "#a6dba0", "teacher_context": "#b8e186", "memory_record": "#00441b", "old_logprobs": "#c7b3e6",
+    "student_forward": "#8172b3", "teacher_forward": "#dd8452", "backward": "#ffb482", "optimizer": "#c44e52",
+    "sync_sampler": "#937860", "other": "#dddddd",
+}
 
 FRACTION = (-0.03, 1.03)  # y range of every fraction or rate
 LEVELS = ("experience", "insight", "behavior")
@@ -364,16 +368,15 @@ def plot_time(groups, colors) -> Plot | None:
         return None
     phases = [p for p in (*PHASES, *sorted({p for s in seconds.values() for p in s} - set(PHASES) - {"other"}),
                           "other") if any(p in s for s in seconds.values())]
-    palette = {p: PHASE_COLORS[i] if i < len(PHASE_COLORS) else SPARE_COLORS[i % len(SPARE_COLORS)]
-               for i, p in enumerate(phases)}
-    palette["other"] = "#dddddd"
+    spare = iter(SPARE_COLORS * (1 + len(phases) // len(SPARE_COLORS)))
+    palette = {p: PHASE_COLORS.get(p) or next(spare) for p in phases}  # a phase keeps its colour everywhere
     fig, axes = new_figure(8.5, 1.6 + 0.45 * len(seconds))
     ax = axes[0][0]
     labels = list(seconds)[::-1]  # first group on top
     for phase in phases:
         left = [sum(seconds[g].get(p, 0.0) for p in phases[:phases.index(phase)]) for g in labels]
         ax.barh(range(len(labels)), [seconds[g].get(phase, 0.0) for g in labels], left=left, height=0.6,
-                color=palette[phase], label=mpl_text(phase))
+                color=palette[phase], edgecolor="white", linewidth=0.5, label=mpl_text(phase))
     for i, g in enumerate(labels):
         ax.text(sum(seconds[g].values()), i, f"  {sum(seconds[g].values()):.1f} s", va="center", fontsize=8)
     ax.set_yticks(range(len(labels)), [mpl_text(g) for g in labels])

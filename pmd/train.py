@@ -41,6 +41,7 @@ from pmd.models import load_model_and_tokenizer
 from pmd.rollout import SamplingCopy, completion_logits, generate, pack
 from pmd.runlog import RunDir, seed_everything
 from pmd.tasks import Problem, load_task
+from pmd.prefix import grouped_prefix_completion_logits
 from pmd.procedural import rollout_id
 from pmd.teacher import TeacherWeights, reprompt, sdpo_choices
 
@@ -81,6 +82,7 @@ class Trainer:
         self.memory = self._build_memory(run_path) if cfg.method == "pmd" else None
         self.last_memory_ids: list[list[int]] | None = None
         self.sequence_logps: dict[int, tuple[float, float]] = {}  # rollout -> (teacher, student) mean logp
+        self.prefix_states: dict = {}  # teacher prompt -> its encoded keys/values, for one teacher weight state
 
     def _build_memory(self, run_path):
         """The procedural memory of a pmd run: its store in the run folder, embedder and reflector."""
@@ -324,11 +326,16 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         grad_norms = []
         for mini in _split(list(range(B)), cfg.optimizer_steps_per_batch):
+            self.prefix_states = {}  # teacher prompts encoded under the current teacher weights
             n_seq = len(mini)
             n_tok = sum(max(1, len(completions_B[i])) for i in mini)
-            # similar lengths share a micro-batch: less padding; the exact denominators keep the gradient
-            by_length = sorted(mini, key=lambda i: len(prompts_B[i]) + len(completions_B[i]))
-            for micro in _chunks(by_length, cfg.micro_batch_size):
+            # similar lengths share a micro-batch: less padding; the exact denominators keep the gradient.
+            # With prefix sharing, rows with the same teacher prompt go together so it is encoded once.
+            if cfg.teacher_prefix_sharing and cfg.method != "grpo":
+                order = sorted(mini, key=lambda i: (tuple(teacher_prompts_B[i] or ()), len(completions_B[i])))
+            else:
+                order = sorted(mini, key=lambda i: len(prompts_B[i]) + len(completions_B[i]))
+            for micro in _chunks(order, cfg.micro_batch_size):
                 loss, m = self.micro_batch_loss(micro, prompts_B, completions_B, advantages_B,
                                                 teacher_prompts_B, old_logps, n_seq, n_tok, timer)
                 with timer("backward"):
@@ -343,6 +350,7 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
+        self.prefix_states = {}
         n_mini = cfg.optimizer_steps_per_batch
         out = {"loss": sums.pop("loss") / n_mini, "grad_norm": sum(grad_norms) / len(grad_norms)}
         if "divergence_tokens" in sums:
@@ -381,7 +389,13 @@ class Trainer:
                                  [completions_B[micro[j]] for j in rows], self.pad_id)
             with timer("teacher_forward"), torch.no_grad(), self.autocast():
                 forward = functools.partial(self.teacher.forward, self.model)
-                teacher_logits = completion_logits(forward, teacher_batch, cfg.temperature)
+                if cfg.teacher_prefix_sharing:  # a prompt shared by several rollouts is encoded once
+                    teacher_logits = grouped_prefix_completion_logits(
+                        forward, [teacher_prompts_B[micro[j]] for j in rows],
+                        [completions_B[micro[j]] for j in rows], self.pad_id, cfg.temperature,
+                        states=self.prefix_states)
+                else:
+                    teacher_logits = completion_logits(forward, teacher_batch, cfg.temperature)
             student_logits = logits[rows, :teacher_batch.completion_len]
             per_token = losses.topk_divergence(student_logits, teacher_logits,
                                                topk=cfg.distillation_topk or None,

@@ -88,6 +88,38 @@ def test_micro_batching_does_not_change_the_gradient(tmp_path):
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
+def test_prefix_shared_teacher_gives_the_same_gradient(tmp_path, monkeypatch):
+    """Teacher forward with each distinct teacher prompt encoded once == the packed forward (float32)."""
+    import pmd.prefix
+
+    encoded = []
+    real_encode = pmd.prefix.encode_prefix
+    monkeypatch.setattr(pmd.prefix, "encode_prefix", lambda f, ids: encoded.append(len(ids)) or real_encode(f, ids))
+    out = {}
+    for sharing in (False, True):
+        trainer = Trainer(tiny(tmp_path, method="sdpo", dtype="float32", max_grad_norm=0.0, group_size=6,
+                               teacher_prefix_sharing=sharing))
+        trainer.optimizer.step = lambda: None
+        captured = {}
+        orig = torch.nn.utils.clip_grad_norm_
+
+        def capture(params, max_norm):
+            params = list(params)
+            captured["g"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+            return orig(params, max_norm)
+
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
+        row, rollouts = trainer.train_step(1)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", orig)
+        out[sharing] = (captured["g"], row, [r["completion"] for r in rollouts])
+    assert out[True][2] == out[False][2]  # same rollouts: the comparison is of the teacher forward alone
+    assert 0 < len(encoded) < 2 * 6 * out[True][1]["teacher_signal_fraction"]  # prompts were shared
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6, rtol=1e-4)
+    for key in ("loss", "teacher_student_divergence", "teacher_prefers_pass"):
+        if key in out[False][1]:
+            assert out[True][1][key] == pytest.approx(out[False][1][key], rel=1e-4, abs=1e-6), key
+
+
 def _final_weights(run: Path) -> dict:
     return load_file(run / "final" / "model.safetensors")
 
