@@ -2,12 +2,17 @@
 
 What is compared
 ----------------
-Four arms, each in its own subprocess (run one after the other, so they never share memory or CPU threads):
+Five arms, each in its own subprocess (run one after the other, so they never share memory or CPU threads):
 
     trl-grpo   trl.GRPOTrainer / trl.GRPOConfig
     pmd-grpo   pmd.train.Trainer with method=grpo
     trl-sdpo   trl.experimental.sdpo.SDPOTrainer / trl.experimental.sdpo.SDPOConfig
     pmd-sdpo   pmd.train.Trainer with method=sdpo
+    pmd-pmd    pmd.train.Trainer with method=pmd (package memory defaults: MiniLM embedder, the policy reflects
+               on its own rollouts, consolidation every 5 steps), held against trl-sdpo. Memory work (observe,
+               reflect, consolidate, contexts, record) is inside the timed step.
+
+Targets (issue 5): pmd-sdpo at most 0.6x trl-sdpo; pmd-pmd at most 0.8x trl-sdpo.
 
 Each arm trains 1 warm-up step (model load, first-call and allocator overheads; not timed) and then `--steps`
 timed steps; the figure reported is the median wall time of the timed steps. One step = sample 32 completions,
@@ -110,7 +115,9 @@ PMD_SETTINGS = {
 SDPO_SETTINGS = {"distillation_topk": 100, "distillation_add_tail": True, "distillation_alpha": 0.5,
                  "teacher_model_kind": "ema", "teacher_update_rate": 0.05, "grpo_weight": 0.0}
 
-ARMS = [("grpo", "trl"), ("grpo", "pmd"), ("sdpo", "trl"), ("sdpo", "pmd")]
+# pmd's PMD step (memory work included) has no TRL counterpart; it is compared with TRL's SDPO step.
+ARMS = [("grpo", "trl"), ("grpo", "pmd"), ("sdpo", "trl"), ("sdpo", "pmd"), ("pmd", "pmd")]
+TARGETS = {"sdpo": 0.6, "pmd": 0.8}  # issue 5: pmd step / TRL SDPO step at most this
 PHASES = ["generate", "verify", "teacher_context", "student_forward", "teacher_forward", "backward", "optimizer"]
 
 
@@ -121,7 +128,8 @@ def say(msg: str) -> None:
 def pmd_config(method: str):
     from pmd.config import Config, apply
 
-    return apply(Config(), {**PMD_SETTINGS, **(SDPO_SETTINGS if method == "sdpo" else {}), "method": method})
+    # pmd: the package defaults for memory (MiniLM embedder, the policy as its own reflector, all three levels)
+    return apply(Config(), {**PMD_SETTINGS, **(SDPO_SETTINGS if method != "grpo" else {}), "method": method})
 
 
 # ------------------------------------------------------------------------------------------------ child: one arm
@@ -216,6 +224,7 @@ def summarize(out: dict) -> dict:
         return sum(values) / len(values) if values else None
 
     return {"median_step_seconds": statistics.median(s["seconds"] for s in timed),
+            "mean_step_seconds": statistics.mean(s["seconds"] for s in timed),  # PMD: consolidation amortised
             "step_seconds": [round(s["seconds"], 3) for s in out["steps"]],  # first one is the warm-up
             "phases_median": {k: round(v, 3) for k, v in phases.items()},
             "completion_length_mean": mean_of("completion_length_mean"),
@@ -233,24 +242,30 @@ def fmt(x, width=9, digits=1) -> str:
 def report(results: dict, timed_steps: int, wall: float) -> dict:
     methods = list(results)
     lines = ["", f"Step time, pmd vs TRL (median of {timed_steps} timed steps after 1 warm-up; seconds)", ""]
-    lines.append(f"{'method':<8}{'TRL':>10}{'pmd':>10}{'pmd/TRL':>10}{'TRL len':>10}{'pmd len':>10}")
+    lines.append(f"{'method':<8}{'TRL':>10}{'pmd':>10}{'pmd/TRL':>10}{'target':>8}{'TRL len':>10}{'pmd len':>10}")
     summary = {"timed_steps": timed_steps, "threads": THREADS, "settings": PMD_SETTINGS,
                "sdpo_settings": SDPO_SETTINGS, "wall_seconds": round(wall, 1), "methods": {}}
     for method in methods:
-        trl, pmd = results[method].get("trl", {}), results[method].get("pmd", {})
+        # the PMD step is held against TRL's SDPO step (TRL has no PMD)
+        trl = results.get("sdpo" if method == "pmd" else method, {}).get("trl", {})
+        pmd = results[method].get("pmd", {})
         t, p = trl.get("median_step_seconds"), pmd.get("median_step_seconds")
         ratio = p / t if t and p else None
+        target = TARGETS.get(method)
         summary["methods"][method] = {"trl_step_seconds": t, "pmd_step_seconds": p, "ratio_pmd_over_trl": ratio,
-                                      "trl": trl, "pmd": pmd}
-        lines.append(f"{method:<8}{fmt(t, 10)}{fmt(p, 10)}{fmt(ratio, 10, 2)}"
+                                      "target_ratio": target, "trl": trl, "pmd": pmd}
+        label = "pmd*" if method == "pmd" else method
+        lines.append(f"{label:<8}{fmt(t, 10)}{fmt(p, 10)}{fmt(ratio, 10, 2)}{fmt(target, 8, 1)}"
                      f"{fmt(trl.get('completion_length_mean'), 10)}{fmt(pmd.get('completion_length_mean'), 10)}")
+    if "pmd" in methods:
+        lines.append("pmd*: pmd's PMD step (memory work included) against TRL's SDPO step")
     lines += ["", "Per-phase medians (seconds; 'other' = step minus the listed phases)", ""]
     names = {"teacher_context": "teach_ctx", "student_forward": "stud_fwd", "teacher_forward": "teach_fwd"}
     extra = sorted({n for m in methods for arm in results[m].values() for n in arm.get("phases_median", {})
                     if n not in PHASES and n not in ("step", "other") and not n.startswith("total_")})
     cols = PHASES + extra + ["other"]
     widths = [max(10, len(names.get(c, c)) + 2) for c in cols]
-    lines.append(f"{'arm':<10}{'step':>8}" + "".join(f"{names.get(c, c):>{w}}" for c, w in zip(cols, widths)))
+    lines.append(f"{'arm':<10}{'step':>8}{'mean':>8}" + "".join(f"{names.get(c, c):>{w}}" for c, w in zip(cols, widths)))
     for method in methods:
         for side in ("trl", "pmd"):
             arm = results[method].get(side)
@@ -261,7 +276,7 @@ def report(results: dict, timed_steps: int, wall: float) -> dict:
                 lines.append(f"{label:<10}  failed: {arm['error']}")
                 continue
             ph = arm["phases_median"]
-            lines.append(f"{label:<10}{fmt(arm['median_step_seconds'], 8)}"
+            lines.append(f"{label:<10}{fmt(arm['median_step_seconds'], 8)}{fmt(arm['mean_step_seconds'], 8)}"
                          + "".join(fmt(ph.get(c), w, 2 if c in ('verify', 'teacher_context', 'optimizer') else 1)
                                    for c, w in zip(cols, widths)))
     loads = [f"{side}-{m} {arm['loadavg_1min_before']:.1f}->{arm['loadavg_1min_after']:.1f}"
@@ -276,7 +291,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="timed steps per arm, after one warm-up step")
-    parser.add_argument("--methods", default="grpo,sdpo", help="comma-separated subset of grpo,sdpo")
+    parser.add_argument("--methods", default="grpo,sdpo,pmd", help="comma-separated subset of grpo,sdpo,pmd "
+                                                                    "(pmd also runs TRL's SDPO arm)")
     parser.add_argument("--out", help="also write the JSON summary to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
@@ -288,11 +304,11 @@ def main() -> None:
         return
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if not methods or any(m not in ("grpo", "sdpo") for m in methods):
-        parser.error("--methods: choose from grpo, sdpo")
-    arms = [(m, s) for m, s in ARMS if m in methods]
+    if not methods or any(m not in ("grpo", "sdpo", "pmd") for m in methods):
+        parser.error("--methods: choose from grpo, sdpo, pmd")
+    arms = [(m, s) for m, s in ARMS if m in methods or (m, s) == ("sdpo", "trl") and "pmd" in methods]
     t0 = time.perf_counter()
-    results: dict[str, dict] = {m: {} for m in methods}
+    results: dict[str, dict] = {m: {} for m, _ in arms}
     for i, (method, side) in enumerate(arms, 1):
         say(f"\n=== arm {i}/{len(arms)}: {side}-{method}  ({1 + args.steps} steps; "
             f"{(time.perf_counter() - t0) / 60:.1f} min elapsed) ===")

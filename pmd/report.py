@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import matplotlib
@@ -82,7 +83,7 @@ class Run:
     source: str  # name of the folder given on the command line (the grid's, or the run's own)
     group: str = ""  # the line the run is drawn in: its arm, or "arm (source)" when arms collide
 
-    @property
+    @cached_property
     def train_rows(self) -> list[dict]:
         return [r for r in self.rows if r.get("step", 0) > 0 and "loss" in r]
 
@@ -283,15 +284,13 @@ def draw_groups(ax, per_group: dict[str, list[dict[float, float]]], colors: dict
 
 
 def line_plot(groups, colors, get, title: str, ylabel: str, xlabel: str, caption: str,
-              reference: float | None = None, marker: str | None = None, ylim=None) -> Plot | None:
+              marker: str | None = None, ylim=None) -> Plot | None:
     """The common shape of plots 1-4: one metric per group over one x axis; None when no run has it."""
     per_group = {g: [get(r) for r in runs] for g, runs in groups.items()}
     fig, axes = new_figure(8.5, 3.4)
     ax = axes[0][0]
     if not draw_groups(ax, per_group, colors, marker=marker):
         return None
-    if reference is not None:
-        ax.axhline(reference, color="#999999", linestyle="--", linewidth=0.8)
     ax.set(xlabel=xlabel, ylabel=ylabel)
     if ylim is not None:
         ax.set_ylim(*ylim)
@@ -302,8 +301,8 @@ def line_plot(groups, colors, get, title: str, ylabel: str, xlabel: str, caption
 def plot_eval(groups, colors) -> Plot | None:
     """1. Held-out accuracy against rollouts consumed: the headline curve, at equal budgets across arms."""
     def get(run: Run) -> dict[float, float]:
-        return {e["rollouts"]: 100 * e["eval_accuracy"] for e in run.result.evals
-                if number(e.get("eval_accuracy")) is not None}
+        return {ev["rollouts"]: 100 * ev["eval_accuracy"] for ev in run.result.evals
+                if number(ev.get("eval_accuracy")) is not None}
     return line_plot(groups, colors, get, "Held-out accuracy", "accuracy (%), mean@k, memory-free",
                      "rollouts consumed",
                      "Held-out accuracy (eval_accuracy, sampled mean@k, memory-free) at each evaluation, against "
@@ -338,7 +337,8 @@ def plot_divergence(groups, colors) -> Plot | None:
                      "Teacher–student divergence", "divergence per token", "step",
                      "Mean per-token divergence between the student and its context-reading teacher on the "
                      "student's own completions. Near 0 the context changes nothing (no learning signal); "
-                     "a steady fall means the student is absorbing what the teacher knows.")
+                     "a steady fall means the student is absorbing what the teacher knows (or the EMA teacher is "
+                     "catching up with the student).")
 
 
 def plot_memory(groups, colors) -> Plot | None:
@@ -352,7 +352,7 @@ def plot_memory(groups, colors) -> Plot | None:
                     colors)
         ax.set(title=level, xlabel="step")
         ax.set_ylim(bottom=0)
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     axes[0][0].set_ylabel("entries")
     axes[0][0].legend(loc="best")
     return Plot("Memory size", "Entries per memory level after each step (pmd arms only). Experience is capped per "
@@ -414,7 +414,8 @@ def plot_diagnostics(groups, colors) -> Plot | None:
     for ax, (title, data, reference, by_level) in zip(flat, panels):
         if by_level:  # colour = arm, line style = level
             for level, per_group in by_level.items():
-                draw_groups(ax, per_group, colors, band=False, style=LEVEL_STYLES[level], label_suffix=f" · {level}")
+                draw_groups(ax, per_group, colors, band=False, style=LEVEL_STYLES[level],
+                            label_suffix=f" · {level}")
         else:
             draw_groups(ax, data, colors)
         if reference is not None:
@@ -471,7 +472,8 @@ def setup_section(runs: list[Run]) -> str:
     rows = []
     for key in SETUP_KEYS:
         values = sorted({str(getattr(r.cfg, key)) for r in runs})
-        shown = values[0] if len(values) == 1 else "varies: " + " | ".join(values[:6]) + (" …" if len(values) > 6 else "")
+        shown = values[0] if len(values) == 1 else \
+            "varies: " + " | ".join(values[:6]) + (" …" if len(values) > 6 else "")
         rows.append([f"<code>{e(key)}</code>", e(shown)])
     return "<h2>Setup</h2>" + table(["key", "value"], rows, cls="setup")
 
@@ -578,8 +580,11 @@ def memory_section(runs: list[Run]) -> str:
     with_memory = [r for r in runs if r.cfg.method == "pmd" and (r.result.path / MEMORY_FILENAME).exists()]
     if not with_memory:
         return ""
-    with_memory.sort(key=lambda r: (r.result.finished, number(r.result.final.get("eval_accuracy")) or -1.0,
-                                    r.steps_done), reverse=True)
+    def merit(r: Run) -> tuple:
+        accuracy = number(r.result.final.get("eval_accuracy"))
+        return r.result.finished, -1.0 if accuracy is None else accuracy, r.steps_done
+
+    with_memory.sort(key=merit, reverse=True)
     out = ["<h2>Memory: top entries by utility</h2>",
            '<p class="note">Utility = helpful / (uses + 2), where helpful is the credit an entry received when its '
            "problem did better than others after the entry was in the teacher context. Sources are rollout ids "
@@ -645,7 +650,8 @@ def render(runs: list[Run], grids: list[tuple[Path, list[Run]]], title: str, sou
 
 def default_title(paths: list[Path]) -> str:
     names = [p.resolve().name for p in paths]
-    return "pmd report: " + (", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])} and {len(names) - 3} more")
+    shown = ", ".join(names) if len(names) <= 4 else f"{', '.join(names[:3])} and {len(names) - 3} more"
+    return f"pmd report: {shown}"
 
 
 def write_report(paths: list[str | Path], out: str | Path | None = None, title: str | None = None) -> Path:

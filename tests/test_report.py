@@ -34,7 +34,8 @@ def metrics_rows(method: str, final: float | None, steps: int = STEPS, evals: bo
                "time/optimizer": 0.1, "time/step": 8.0}
         if method in ("sdpo", "pmd"):
             row.update({"teacher_signal_fraction": 0.5 + 0.04 * step, "teacher_student_divergence": 0.05 / step,
-                        "teacher_prefers_pass": 0.6, "teacher_lift_prefers_pass": 0.55, "time/teacher_forward": 0.8})
+                        "teacher_prefers_pass": 0.6, "teacher_lift_prefers_pass": 0.55,
+                        "time/teacher_forward": 0.8})
         if method == "pmd":
             row.update({"context_experience_fraction": 1.0, "context_insight_fraction": 0.8,
                         "context_behavior_fraction": 0.1 * step, "reflect/calls": 2.0, "reflect/parse_fail": 1.0,
