@@ -182,12 +182,9 @@ def _compare(args, rest: list[str]) -> None:
             sys.exit(f"pmd compare: {len(failed)} run(s) failed: "
                      + "; ".join(f"{a}-s{s}: {w}" for a, s, w in failed))
     print(md.read_text())
-    try:
-        from pmd.report import write_report
+    from pmd.report import write_report
 
-        print(f"report: {write_report([out])}")
-    except ImportError:
-        pass
+    print(f"report: {write_report([out])}")
 
 
 def _models(action: str, name: str | None) -> None:

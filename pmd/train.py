@@ -516,6 +516,12 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
     (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
     _say(f"held-out accuracy after training:  {_fmt_eval(summary.get('after', {}))}")
     _say(f"final model: {run.path / 'final'}  (load with AutoModelForCausalLM.from_pretrained)")
+    try:  # a report that cannot be drawn must not fail a finished run
+        from pmd.report import write_report
+
+        _say(f"report: {write_report([run.path])}")
+    except Exception as e:  # noqa: BLE001
+        _say(f"report: not written ({type(e).__name__}: {e}); retry with `pmd report {run.path}`")
     return run.path
 
 

@@ -35,7 +35,7 @@ def metrics(run: Path) -> list[dict]:
 def test_loop_writes_complete_run_folder(tmp_path, method):
     run = train(tiny(tmp_path, method=method))
     for name in ["config.yaml", "metrics.jsonl", "rollouts.jsonl", "summary.json", "final/config.json",
-                 "final/model.safetensors", "final/tokenizer.json"]:
+                 "final/model.safetensors", "final/tokenizer.json", "report.html"]:
         assert (run / name).exists(), name
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
