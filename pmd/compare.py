@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,7 +160,7 @@ def run_done(run: Path) -> bool:
 
 
 def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = False,
-             python: str = sys.executable) -> list[tuple[str, int, str]]:
+             python: str = sys.executable, progress_every: float = 120.0) -> list[tuple[str, int, str]]:
     """Run every unfinished run of the grid (up to `jobs` at once); returns (arm, seed, status) per run."""
     folder = Path(folder)
     grid.jobs = jobs
@@ -200,16 +200,34 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
         return arm, seed, ("done" if code == 0 and run_done(folder / "runs" / name)
                            else f"failed (exit {code}, see {log})") + f" in {minutes:.1f} min"
 
-    finished = len(status)
+    finished, total = len(status), len(grid.arms) * len(grid.seeds)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(launch, *t) for t in todo]
-        for future in as_completed(futures):
-            arm, seed, what = future.result()
-            finished += 1
-            status.append((arm, seed, what))
-            _say(f"[{finished}/{len(grid.arms) * len(grid.seeds)}] {grid.run_name(arm, seed)}: {what}")
-            write_results(folder)  # the table grows as runs finish
+        pending = {pool.submit(launch, *t): t for t in todo}
+        while pending:
+            done, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
+            if not done:  # a heartbeat: where the running runs are
+                _say("  running: " + ", ".join(_progress(folder, grid, arm, seed) for arm, seed, _ in
+                                              (pending[f] for f in pending if f.running())))
+            for future in done:
+                pending.pop(future)
+                arm, seed, what = future.result()
+                finished += 1
+                status.append((arm, seed, what))
+                _say(f"[{finished}/{total}] {grid.run_name(arm, seed)}: {what}")
+                write_results(folder)  # the table grows as runs finish
     return status
+
+
+def _progress(folder: Path, grid: Grid, arm: str, seed: int) -> str:
+    """`arm-sS step k/N (last eval 0.23)` from the run's metrics so far."""
+    from pmd.runlog import RunDir
+
+    name = grid.run_name(arm, seed)
+    rows = RunDir(folder / "runs" / name).read("metrics.jsonl")
+    steps = grid.config.get("steps", config_mod.Config().steps)
+    text = f"{name} step {max((r.get('step', 0) for r in rows), default=0)}/{steps}"
+    evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+    return text + (f" (last eval {evals[-1]:.3f})" if evals else "")
 
 
 def _write_or_check_grid(grid: Grid, folder: Path) -> None:

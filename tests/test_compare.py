@@ -130,6 +130,8 @@ def test_tiny_grid_end_to_end_with_report(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "grpo" in html and "sdpo" in html and "data:image/png;base64," in html
 
+    assert compare._progress(out, compare.load_grid(out), "grpo", 0).startswith("grpo-s0 step 2/2 (last eval ")
+
     # a second call resumes: every run is done, nothing is trained again
     before = {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
     capsys.readouterr()
