@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> None:
 def _train(args: list[str]) -> None:
     cfg = config_mod.build(args)
     explicit = set(config_mod.parse_overrides([a for a in args if "=" in a]))
+    from pmd.distributed import Processes
     from pmd.train import train
 
     train(cfg, explicit_keys=explicit)
+    Processes().finish()  # launched with several processes: leave the process group together
 
 
 def _eval(model: str, args: list[str]) -> None:

@@ -89,13 +89,13 @@ class _ReadOnlyPrefixCache(DynamicCache):
         Cache.__init__(self, layers=[_ReadOnlyPrefixLayer(k, v, batch) for k, v in zip(state.keys, state.values)])
 
 
-def encode_prefix(forward, prefix_ids: list[int]) -> PrefixState:
+def encode_prefix(forward, prefix_ids: list[int], device: torch.device | str = "cpu") -> PrefixState:
     """Run the prefix once (batch 1) and keep what the completions need: its keys/values and last logits."""
     if not prefix_ids:
         raise ValueError("the shared prefix is empty")
-    ids = torch.tensor([list(prefix_ids)], dtype=torch.long)
+    ids = torch.tensor([list(prefix_ids)], dtype=torch.long, device=device)
     out = forward(input_ids=ids, attention_mask=torch.ones_like(ids),
-                  position_ids=torch.arange(ids.shape[1])[None], use_cache=True, logits_to_keep=1)
+                  position_ids=torch.arange(ids.shape[1], device=device)[None], use_cache=True, logits_to_keep=1)
     cache = getattr(out, "cache", None)
     keys = values = None
     layers = getattr(cache, "layers", None)
@@ -107,7 +107,8 @@ def encode_prefix(forward, prefix_ids: list[int]) -> PrefixState:
 
 
 def shared_prefix_completion_logits(forward, prefix_ids: list[int], completions: list[list[int]], pad_id: int,
-                                    temperature: float = 1.0, *, cache: PrefixState | None = None) -> torch.Tensor:
+                                    temperature: float = 1.0, *, cache: PrefixState | None = None,
+                                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Logits that predict each completion token after one shared prefix: (b, R, V), R = longest completion.
 
     Equal (up to floating-point reordering) to `completion_logits(forward, pack([prefix_ids] * b, completions,
@@ -115,12 +116,12 @@ def shared_prefix_completion_logits(forward, prefix_ids: list[int], completions:
     as is (it is never modified); without it the prefix is encoded here.
     """
     if cache is None:
-        cache = encode_prefix(forward, prefix_ids)
+        cache = encode_prefix(forward, prefix_ids, device)
     elif cache.prefix_ids != tuple(prefix_ids):
         raise ValueError("`cache` was encoded from a different prefix")
     if not cache.shareable:
-        return completion_logits(forward, pack([list(prefix_ids)] * len(completions), completions, pad_id),
-                                 temperature)
+        return completion_logits(forward, pack([list(prefix_ids)] * len(completions), completions, pad_id)
+                                 .to(device), temperature)
     b, P = len(completions), cache.length
     R = max(1, max(len(c) for c in completions))
     first = cache.last_logits[:, None, :].expand(b, 1, -1)  # predicts completion token 0 of every row
@@ -130,13 +131,15 @@ def shared_prefix_completion_logits(forward, prefix_ids: list[int], completions:
         # feed completion tokens 0..R-2: token j's output predicts token j+1; the last token predicts nothing
         ids = torch.full((b, R - 1), pad_id, dtype=torch.long)
         mask = torch.zeros((b, P + R - 1), dtype=torch.long)
+        device = cache.last_logits.device
         mask[:, :P] = 1
         for i, c in enumerate(completions):
             fed = c[:R - 1]
             if fed:
                 ids[i, :len(fed)] = torch.tensor(fed, dtype=torch.long)
             mask[i, P:P + len(fed)] = 1
-        positions = torch.arange(P, P + R - 1)[None].expand(b, -1)
+        positions = torch.arange(P, P + R - 1, device=device)[None].expand(b, -1)
+        ids, mask = ids.to(device), mask.to(device)
         out = forward(input_ids=ids, attention_mask=mask, position_ids=positions,
                       cache=_ReadOnlyPrefixCache(cache, b), use_cache=True, logits_to_keep=0)
         rest = out.logits
@@ -146,7 +149,7 @@ def shared_prefix_completion_logits(forward, prefix_ids: list[int], completions:
 
 def grouped_prefix_completion_logits(forward, prefixes: list[list[int]], completions: list[list[int]], pad_id: int,
                                      temperature: float = 1.0, *, states: dict | None = None,
-                                     min_rows: int = 2) -> torch.Tensor:
+                                     min_rows: int = 2, device: torch.device | str = "cpu") -> torch.Tensor:
     """`completion_logits` for a micro-batch whose rows share a few distinct prefixes: (B, R, V), rows in order.
 
     Rows are grouped by identical prefix; a prefix used by at least `min_rows` rows gets one shared forward
@@ -172,13 +175,13 @@ def grouped_prefix_completion_logits(forward, prefixes: list[list[int]], complet
         if len(rows) < min_rows and not known:
             singles += rows
             continue
-        state = states[key] if known else encode_prefix(forward, list(key))
+        state = states[key] if known else encode_prefix(forward, list(key), device)
         if states is not None:
             states[key] = state
         blocks.append((rows, shared_prefix_completion_logits(forward, list(key), [completions[i] for i in rows],
                                                              pad_id, temperature, cache=state)))
     if singles:
-        batch = pack([prefixes[i] for i in singles], [completions[i] for i in singles], pad_id)
+        batch = pack([prefixes[i] for i in singles], [completions[i] for i in singles], pad_id).to(device)
         blocks.append((singles, completion_logits(forward, batch, temperature)))
 
     first = blocks[0][1]

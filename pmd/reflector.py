@@ -11,8 +11,8 @@ are counted by the caller and never stop training. Local models write the answer
 each marker such as "STRATEGY:" is put in the model's mouth and it writes one line), which small models
 need to keep to the format: SmolLM2-135M wrote no parseable line in 4 of 4 free samples, and with only the
 first marker prefilled it often copied the prompt's format description or rambled past the line budget.
-Endpoints get the instruction only. Local sampling is seeded in a forked RNG, so reflection
-neither depends on nor disturbs the training random stream.
+Endpoints get the instruction only. Local sampling draws from one seeded generator per prompt and field,
+so reflection neither depends on nor disturbs the training random stream.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from pmd.rollout import generate
+from pmd.rollout import generate, sample_seed
 
 
 class LocalReflector:
@@ -53,16 +53,15 @@ class LocalReflector:
         fields = fields or [(prefill, "")]
         answers = ["" for _ in prompts]
         heads = [encode_chat(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            for prefix, stops in fields:
-                answers = [a + prefix for a in answers]
-                ids = [h + self.tokenizer(a, add_special_tokens=False)["input_ids"] for h, a in zip(heads, answers)]
-                out, _ = generate(self.model(), self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
-                                  temperature=self.temperature, top_p=1.0, greedy=False,
-                                  batch_size=self.batch_size, stop_ids=self._stop_ids(stops))
-                texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-                answers = [a + _cut(t, stops) for a, t in zip(answers, texts)]
+        for f, (prefix, stops) in enumerate(fields):
+            answers = [a + prefix for a in answers]
+            ids = [h + self.tokenizer(a, add_special_tokens=False)["input_ids"] for h, a in zip(heads, answers)]
+            out, _ = generate(self.model(), self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
+                              temperature=self.temperature, top_p=1.0, greedy=False, batch_size=self.batch_size,
+                              seeds=[sample_seed("reflect", seed, i, f) for i in range(len(ids))],
+                              stop_ids=self._stop_ids(stops))
+            texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+            answers = [a + _cut(t, stops) for a, t in zip(answers, texts)]
         return answers
 
     def _stop_ids(self, stops: str) -> set[int]:

@@ -8,6 +8,7 @@ completion tokens column by column.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,10 @@ class Packed:
     @property
     def completion_len(self) -> int:
         return self.completion_ids.shape[1]
+
+    def to(self, device) -> "Packed":
+        return Packed(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids,
+                                                self.completion_ids, self.completion_mask)))
 
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Packed:
@@ -58,29 +63,40 @@ def completion_logits(forward, batch: Packed, temperature: float = 1.0) -> torch
     return logits / temperature if temperature != 1.0 else logits
 
 
+def sample_seed(*parts) -> int:
+    """A 63-bit seed for one row's random stream, from e.g. ("rollout", run seed, step, problem, sample)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
-             top_p: float, greedy: bool, batch_size: int,
+             top_p: float, greedy: bool, batch_size: int, seeds: list[int] | None = None,
              stop_ids: set[int] | None = None) -> tuple[list[list[int]], list[bool]]:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, with a KV cache.
 
     Returns the completion token ids (trimmed after EOS, which is kept) and whether each finished with EOS.
-    Sampling draws from torch's global RNG, so it is reproducible under a seed. `stop_ids` end a row like
-    EOS does (and are kept), e.g. every token that contains a newline.
+    Sampling needs one seed per prompt: each row draws from its own generator, so its completion does not
+    depend on the other rows of its batch, the batch size, or which process generates it (`sample_seed`).
+    `stop_ids` end a row like EOS does (and are kept), e.g. every token that contains a newline.
     """
+    if not greedy and (seeds is None or len(seeds) != len(prompts)):
+        raise ValueError("sampling needs one seed per prompt (see sample_seed)")
     eos_ids = _eos_ids(model, tokenizer) | (stop_ids or set())
     completions: list[list[int]] = []
     finished: list[bool] = []
     for start in range(0, len(prompts), batch_size):
         ids, done = _decode(model, prompts[start:start + batch_size], tokenizer.pad_token_id, eos_ids,
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy)
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
+                            seeds=None if greedy else seeds[start:start + batch_size])
         completions += ids
         finished += done
     return completions, finished
 
 
 def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, max_new_tokens: int,
-            temperature: float, top_p: float, greedy: bool) -> tuple[list[list[int]], list[bool]]:
+            temperature: float, top_p: float, greedy: bool,
+            seeds: list[int] | None = None) -> tuple[list[list[int]], list[bool]]:
     """Token-by-token decoding that drops finished rows from the batch and the KV cache.
 
     `model.generate` keeps computing every row until the longest one stops; with completions of very different
@@ -96,17 +112,22 @@ def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, 
         input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         attention_mask[i, P - len(p):] = 1
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    device = next(model.parameters()).device
+    input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+    generators = None if greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
     cache = DynamicCache(config=model.config)
     out_ids: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
-    rows = torch.arange(b)  # original index of each row still in the batch
+    rows = torch.arange(b, device=device)  # original index of each row still in the batch
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     next_pos = position_ids[:, -1] + 1
     for t in range(max_new_tokens):
-        tokens = _sample(logits.float(), temperature, top_p, greedy)
-        for r, tok in zip(rows.tolist(), tokens.tolist()):
+        alive = rows.tolist()
+        tokens = _sample(logits.float(), temperature, top_p, greedy,
+                         None if greedy else [generators[r] for r in alive])
+        for r, tok in zip(alive, tokens.tolist()):
             out_ids[r].append(tok)
         stopped = torch.isin(tokens, eos)
         for r in rows[stopped].tolist():
@@ -124,8 +145,16 @@ def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, 
     return out_ids, done
 
 
-def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bool) -> torch.Tensor:
-    """Next token per row: argmax, or temperature + nucleus (top-p) sampling."""
+def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bool,
+            generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Next token per row: argmax, or temperature + nucleus (top-p) sampling, row i drawing from generators[i].
+
+    Sampling is a race of exponential clocks (the Gumbel-max trick): the token is argmax_v p_v / E_v with
+    E_v ~ Exp(1) drawn from the row's own generator, which picks v with probability p_v. A row's token then
+    depends only on its own logits and generator, never on the other rows; and the tiny differences in logits
+    that another batch composition causes can change it only when the two best p_v / E_v nearly tie
+    (inverse-CDF sampling would flip at any of the V cumulative boundaries).
+    """
     if greedy:
         return logits_V.argmax(-1)
     probs = torch.softmax(logits_V / temperature, dim=-1)
@@ -134,7 +163,9 @@ def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bo
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1).squeeze(1)
+    V = probs.shape[-1]
+    clocks = torch.stack([torch.empty(V, device=probs.device).exponential_(generator=g) for g in generators])
+    return (probs / clocks.clamp(min=torch.finfo(clocks.dtype).tiny)).argmax(-1)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -5,13 +5,16 @@
     <run>/rollouts.jsonl     every rollout: id, step, problem, completion, reward, feedback, teacher context
     <run>/reflections.jsonl  pmd: every reflection: raw output, what was parsed from it, the entries written
     <run>/memory.sqlite      pmd: the procedural memory (SQLite, WAL); `pmd memory show|export|stats RUN`
-    <run>/checkpoints/step-N/ trainable weights, teacher, optimizer, scheduler, RNG, loop state, memory
+    <run>/checkpoints/step-N/ trainable weights, teacher, optimizer, scheduler, loop state, memory, and the
+                             RNG state of every process (rng_rank0.pt, rng_rank1.pt, ...)
     <run>/final/             the trained model (LoRA merged): plain `AutoModelForCausalLM.from_pretrained`
     <run>/summary.json       accuracy before and after, wall time
 
 Checkpoints are written to a temporary folder and renamed, so a kill at any moment leaves either the old or
 the new checkpoint, never half of one. On resume, metric and rollout rows newer than the checkpoint are
-dropped: those steps are redone exactly, so no step is repeated or skipped in the logs.
+dropped: those steps are redone exactly, so no step is repeated or skipped in the logs. With several processes
+the main one writes everything (the weights are the same on every process after a synchronised update) and
+every process loads the checkpoint on resume.
 """
 
 from __future__ import annotations
@@ -100,18 +103,21 @@ class RunDir:
         return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
     def save_checkpoint(self, step: int, model: torch.nn.Module, teacher_state: dict, optimizer,
-                        scheduler, loop_state: dict, keep: int, memory=None) -> Path:
+                        scheduler, loop_state: dict, keep: int, memory=None,
+                        rng_states: list[dict] | None = None) -> Path:
+        """`rng_states`: every process's `rng_state()`, in rank order (default: this process's only)."""
         final = self.checkpoints / f"step-{step:06d}"
         tmp = self.checkpoints / f".tmp-step-{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trainable, tmp / "trainable.safetensors")
         if teacher_state:
-            save_file({n: t.contiguous() for n, t in teacher_state.items()}, tmp / "teacher.safetensors")
+            save_file({n: t.cpu().contiguous() for n, t in teacher_state.items()}, tmp / "teacher.safetensors")
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
                    tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        for rank, state in enumerate(rng_states or [rng_state()]):
+            torch.save(state, tmp / f"rng_rank{rank}.pt")
         if memory is not None:  # a consistent copy of the memory store (SQLite backup API)
             memory.snapshot(tmp / MEMORY_FILENAME)
         (tmp / "state.json").write_text(json.dumps({"step": step, **loop_state}, indent=1))
@@ -121,7 +127,8 @@ class RunDir:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def load_checkpoint(self, path: Path, model: torch.nn.Module, teacher, optimizer, scheduler) -> dict:
+    def load_checkpoint(self, path: Path, model: torch.nn.Module, teacher, optimizer, scheduler,
+                        rank: int = 0) -> dict:
         trainable = load_file(path / "trainable.safetensors")
         params = dict(model.named_parameters())
         missing = [n for n in trainable if n not in params]
@@ -135,7 +142,11 @@ class RunDir:
         opt = torch.load(path / "optimizer.pt", weights_only=False)
         optimizer.load_state_dict(opt["optimizer"])
         scheduler.load_state_dict(opt["scheduler"])
-        _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        rng = path / f"rng_rank{rank}.pt"
+        if not rng.exists() and rank == 0:
+            rng = path / "rng.pt"  # a checkpoint from before per-process RNG files
+        if rng.exists():  # absent: this process did not exist in the run that saved (more processes now)
+            _set_rng_state(torch.load(rng, weights_only=False))
         return json.loads((path / "state.json").read_text())
 
 
@@ -154,14 +165,20 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def rng_state() -> dict:
+    """This process's random state: Python, NumPy and torch (CPU, and CUDA when present)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def seed_everything(seed: int) -> None:

@@ -18,6 +18,10 @@ Simplifications and choices, against the references (lasgroup/SDPO, TRL):
   - bf16 runs matmuls in bf16 under autocast with float32 trainable weights (pure bf16 AdamW loses updates).
   - Dropout stays off in both passes (the model is never put in train mode): teacher targets must not be noisy.
   - An over-long teacher prompt drops its demonstration (never cuts the problem or the instruction).
+  - Every rollout row samples from its own generator (seed, step, problem, sample), so rollouts do not depend on
+    batching. Launched with N processes (accelerate launch / torchrun), each samples and trains on
+    problems_per_step / N problems and the main process owns the memory and the run folder (pmd/distributed.py,
+    docs/scaling.md); the loss keeps global denominators, so N processes take the same step as one.
 """
 
 from __future__ import annotations
@@ -35,11 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pmd import losses
-from pmd.config import Config
+from pmd.config import Config, ConfigError
+from pmd.distributed import Processes, check_processes
 from pmd.evaluate import encode_chat, evaluate, verify_all
 from pmd.models import load_model_and_tokenizer
-from pmd.rollout import SamplingCopy, completion_logits, generate, pack
-from pmd.runlog import RunDir, seed_everything
+from pmd.rollout import SamplingCopy, completion_logits, generate, pack, sample_seed
+from pmd.runlog import RunDir, rng_state, seed_everything
 from pmd.tasks import Problem, load_task
 from pmd.prefix import grouped_prefix_completion_logits
 from pmd.procedural import rollout_id
@@ -52,8 +57,11 @@ MEMORY_PHASES = ("memory_observe", "reflect", "consolidate", "teacher_context", 
 class Trainer:
     """Holds the model, optimizer, teacher and data of one run; `train_step` is one step of the loop."""
 
-    def __init__(self, cfg: Config, run_path: str | Path | None = None):
+    def __init__(self, cfg: Config, run_path: str | Path | None = None, processes: Processes | None = None):
         self.cfg = cfg
+        self.processes = processes or Processes()  # one, unless launched with accelerate launch / torchrun
+        check_processes(cfg, self.processes.world)
+        self.device = self.processes.device
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         seed_everything(cfg.seed)
@@ -65,6 +73,7 @@ class Trainer:
 
         self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.bfloat16
                                                               if cfg.dtype == "bfloat16" else torch.float32)
+        self.model = self.model.to(self.device)
         self.sampler = SamplingCopy(self.model)  # rollouts and evaluation sample from it
         # freeze=reflector: reflections come from the initial weights, kept in a copy that is never synced
         self.initial = SamplingCopy(self.model) if cfg.freeze == "reflector" else None
@@ -72,6 +81,9 @@ class Trainer:
         self.sampler.sync(self.model)
         self.pad_id = self.tokenizer.pad_token_id
         self.teacher = TeacherWeights(self.model, cfg.teacher_model_kind, cfg.teacher_update_rate)
+        # the student forward of the loss goes through this (DDP with several processes: its backward
+        # averages the gradients); everything else uses self.model, the same parameters
+        self.student = self.processes.wrap(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                            betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -79,7 +91,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self._prompt_ids: dict[str, list[int]] = {}
-        self.memory = self._build_memory(run_path) if cfg.method == "pmd" else None
+        # the memory lives in the main process only (with one process: this one)
+        self.memory = self._build_memory(run_path) if cfg.method == "pmd" and self.processes.is_main else None
         self.last_memory_ids: list[list[int]] | None = None
         self.sequence_logps: dict[int, tuple[float, float]] = {}  # rollout -> (teacher, student) mean logp
         self.prefix_states: dict = {}  # teacher prompt -> its encoded keys/values, for one teacher weight state
@@ -118,7 +131,7 @@ class Trainer:
         if kind == "local":
             model, tokenizer = load_model_and_tokenizer(where, dtype=torch.bfloat16 if cfg.dtype == "bfloat16"
                                                         else torch.float32)
-            model.eval()
+            model = model.to(self.device).eval()
             return LocalReflector(lambda: model, tokenizer, batch_size=cfg.generation_batch_size, **options)
         source = self.initial if self.initial is not None else self.sampler  # the current policy by default
         return LocalReflector(lambda: source.model, self.tokenizer, batch_size=cfg.generation_batch_size,
@@ -142,52 +155,74 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ step
     def train_step(self, step: int) -> tuple[dict, list[dict]]:
-        """One step of the loop. Returns the metrics row and the rollout rows."""
-        cfg, G = self.cfg, self.cfg.group_size
+        """One step of the loop. Returns the metrics row and the rollout rows (on the main process; the others
+        return empty ones).
+
+        With N processes each one samples, verifies and trains on a consecutive share of the step's problems.
+        Names ending in `_B` hold the step's whole batch, in `_b` this process's rows (the same with one
+        process); rows_b[j] is the batch index of this process's row j.
+        """
+        cfg, G, procs = self.cfg, self.cfg.group_size, self.processes
         timer = PhaseTimer()
         self.sequence_logps = {}
 
         # ---- 1-2. rollouts: G samples per problem from the current policy, memory-free
         problems_P = self.problems_for_step(step)
-        problem_B = [p for p in problems_P for _ in range(G)]
-        prompts_B = [self.prompt_ids(p) for p in problem_B]
+        rows_b = [k * G + j for k in procs.shard(len(problems_P)) for j in range(G)]
+        problem_b = [problems_P[i // G] for i in rows_b]
+        prompts_b = [self.prompt_ids(p) for p in problem_b]
         in_context = None
         if cfg.freeze == "policy":  # the in-context baseline: the student itself reads the memory
             with timer("teacher_context"):
-                in_context = [self.memory.prompt_context(step, p, self.task.messages(p)) for p in problems_P]
-                prompts_B = [self.context_ids(problem_B[i], in_context[i // G]) for i in range(len(problem_B))]
+                in_context, context_ids_P = self.in_context_prompts(step, problems_P)
+                prompts_b = [context_ids_P[i // G] for i in rows_b]
         with timer("generate"):
-            completions_B, finished_B = generate(
-                self.sampler.model, self.tokenizer, prompts_B, max_new_tokens=cfg.max_new_tokens,
+            # each row samples from its own generator, seeded by (seed, step, problem, sample): the rollouts do
+            # not depend on the batching nor on the number of processes
+            completions_b, finished_b = generate(
+                self.sampler.model, self.tokenizer, prompts_b, max_new_tokens=cfg.max_new_tokens,
                 temperature=cfg.temperature, top_p=cfg.top_p, greedy=False,
-                batch_size=cfg.generation_batch_size)
-            texts_B = self.tokenizer.batch_decode(completions_B, skip_special_tokens=True)
+                batch_size=cfg.generation_batch_size,
+                seeds=[sample_seed("rollout", cfg.seed, step, i // G, i % G) for i in rows_b])
+            texts_b = self.tokenizer.batch_decode(completions_b, skip_special_tokens=True)
 
-        # ---- 3. verify
+        # ---- 3. verify (a group never spans two processes, so advantages are local)
         with timer("verify"):
-            verdicts_B = verify_all(self.task, problem_B, texts_B)
-            rewards_B = torch.tensor([v.reward for v in verdicts_B], dtype=torch.float32)
-            passed_B = [r >= cfg.success_threshold for r in rewards_B.tolist()]
-            advantages_B = losses.group_advantages(rewards_B, G)
+            verdicts_b = verify_all(self.task, problem_b, texts_b)
+            rewards_b = torch.tensor([v.reward for v in verdicts_b], dtype=torch.float32)
+            passed_b = [r >= cfg.success_threshold for r in rewards_b.tolist()]
+            advantages_b = losses.group_advantages(rewards_b, G)
+        # the whole batch, in batch order (consecutive shares in rank order), for the memory and the logs
+        shares = procs.gather((texts_b, verdicts_b, [len(c) for c in completions_b], finished_b,
+                               advantages_b.tolist()))
+        texts_B, verdicts_B, lengths_B, finished_B, advantages_B = ([x for share in shares for x in share[f]]
+                                                                    for f in range(5))
+        problem_B = [problems_P[i // G] for i in range(len(texts_B))]
+        rewards_B = torch.tensor([v.reward for v in verdicts_B], dtype=torch.float32)
+        passed_B = [r >= cfg.success_threshold for r in rewards_B.tolist()]
 
         # ---- 4. teacher prompts (sdpo): SDPO's reprompt within each group
-        teacher_prompts_B: list[list[int] | None] = [None] * len(problem_B)
-        kinds_B = ["none"] * len(problem_B)
+        teacher_prompts_b: list[list[int] | None] = [None] * len(rows_b)
+        kinds_b = ["none"] * len(rows_b)
         if cfg.method == "sdpo":
             with timer("teacher_context"):
-                teacher_prompts_B, kinds_B = self.sdpo_teacher_prompts(problem_B, texts_B, passed_B,
-                                                                      [v.feedback for v in verdicts_B])
+                teacher_prompts_b, kinds_b = self.sdpo_teacher_prompts(problem_b, texts_b, passed_b,
+                                                                      [v.feedback for v in verdicts_b])
 
         memory_row: dict = {}
-        if cfg.method == "pmd":
-            teacher_prompts_B, kinds_B, memory_row = self.pmd_teacher_prompts(
-                step, problems_P, texts_B, rewards_B.tolist(), passed_B, [v.feedback for v in verdicts_B],
-                timer, in_context)
+        if cfg.method == "pmd":  # the main process owns the memory: it builds every teacher prompt
+            teacher_prompts_B = kinds_B = None
+            if procs.is_main:
+                teacher_prompts_B, kinds_B, memory_row = self.pmd_teacher_prompts(
+                    step, problems_P, texts_B, rewards_B.tolist(), passed_B, [v.feedback for v in verdicts_B],
+                    timer, in_context)
+            teacher_prompts_B, kinds_B = procs.broadcast((teacher_prompts_B, kinds_B))
+            teacher_prompts_b, kinds_b = [teacher_prompts_B[i] for i in rows_b], [kinds_B[i] for i in rows_b]
 
         # ---- 5. update (none under freeze=policy: the in-context baseline never changes its weights)
         update_metrics = {"loss": 0.0, "grad_norm": 0.0}
         if cfg.freeze != "policy":
-            update_metrics = self.update(prompts_B, completions_B, advantages_B, teacher_prompts_B, timer)
+            update_metrics = self.update(prompts_b, completions_b, advantages_b, teacher_prompts_b, timer)
 
             # ---- 6. teacher EMA, once per rollout batch (skipped when the gradient was not finite)
             if math.isfinite(update_metrics["grad_norm"]):
@@ -195,8 +230,14 @@ class Trainer:
             with timer("sync_sampler"):
                 self.sampler.sync(self.model)
 
-        # ---- metrics and rollout rows
-        lengths = [len(c) for c in completions_B]
+        # ---- metrics and rollout rows, over the whole batch, by the main process
+        shares = procs.gather((kinds_b, [t is not None for t in teacher_prompts_b],
+                               {rows_b[j]: v for j, v in self.sequence_logps.items()}))
+        if not procs.is_main:
+            return {}, []
+        kinds_B = [k for share in shares for k in share[0]]
+        signal_B = [s for share in shares for s in share[1]]
+        self.sequence_logps = {i: v for share in shares for i, v in share[2].items()}
         passed_P = [any(passed_B[i * G:(i + 1) * G]) for i in range(len(problems_P))]
         row = {
             "step": step,
@@ -205,7 +246,7 @@ class Trainer:
             "reward_std": rewards_B.std().item() if len(rewards_B) > 1 else 0.0,
             "success_sample_fraction": sum(passed_B) / len(passed_B),
             "success_group_fraction": sum(passed_P) / len(passed_P),
-            "completion_length_mean": sum(lengths) / len(lengths),
+            "completion_length_mean": sum(lengths_B) / len(lengths_B),
             "completion_clipped_fraction": 1 - sum(finished_B) / len(finished_B),
             "rollouts": step * len(problem_B),
             **update_metrics,
@@ -214,7 +255,7 @@ class Trainer:
         if any(getattr(v, "error", False) for v in verdicts_B):
             row["verifier_error_fraction"] = sum(getattr(v, "error", False) for v in verdicts_B) / len(verdicts_B)
         if cfg.method in ("sdpo", "pmd"):
-            row["teacher_signal_fraction"] = sum(t is not None for t in teacher_prompts_B) / len(kinds_B)
+            row["teacher_signal_fraction"] = sum(signal_B) / len(kinds_B)
             row["demonstration_fraction"] = sum("demonstration" in k for k in kinds_B) / len(kinds_B)
             row["feedback_used_fraction"] = sum("feedback" in k for k in kinds_B) / len(kinds_B)
             row.update(teacher_preference(self.sequence_logps, passed_B, G))
@@ -224,14 +265,22 @@ class Trainer:
         rollout_rows = [
             {"step": step, "id": rollout_id(step, i), "problem": p.id, "completion": t, "reward": v.reward,
              "feedback": v.feedback, "extracted": v.extracted, "advantage": round(a, 4), "teacher_context": k}
-            for i, (p, t, v, a, k) in enumerate(zip(problem_B, texts_B, verdicts_B, advantages_B.tolist(),
-                                                    kinds_B))]
+            for i, (p, t, v, a, k) in enumerate(zip(problem_B, texts_B, verdicts_B, advantages_B, kinds_B))]
         if self.last_memory_ids is not None:
             for r, ids in zip(rollout_rows, self.last_memory_ids):
                 r["memory_ids"] = ids
         return row, rollout_rows
 
     # ------------------------------------------------------------------------------------------------ pmd
+    def in_context_prompts(self, step: int, problems_P: list[Problem]) -> tuple[list | None, list[list[int]]]:
+        """freeze=policy: each problem's memory context (main process; None elsewhere) and its sampling
+        prompt (token ids, on every process)."""
+        contexts = ids_P = None
+        if self.memory is not None:
+            contexts = [self.memory.prompt_context(step, p, self.task.messages(p)) for p in problems_P]
+            ids_P = [self.context_ids(p, c) for p, c in zip(problems_P, contexts)]
+        return contexts, self.processes.broadcast(ids_P)
+
     def context_ids(self, problem: Problem, context) -> list[int]:
         """Token ids of the problem's chat with its last message replaced by a memory context."""
         if context is None:
@@ -316,8 +365,11 @@ class Trainer:
         return prompts, kinds
 
     def update(self, prompts_B, completions_B, advantages_B, teacher_prompts_B, timer) -> dict:
-        """Loss, backward over micro-batches, optimizer step(s). Returns loss and update metrics."""
-        cfg = self.cfg
+        """Loss, backward over micro-batches, optimizer step(s). Returns loss and update metrics.
+
+        The rows are this process's (all of them with one process); losses and metrics are over all processes.
+        """
+        cfg, procs = self.cfg, self.processes
         B = len(prompts_B)
         old_logps = None
         if cfg.optimizer_steps_per_batch > 1:  # later mini-batches are off-policy: keep the sampling policy
@@ -327,19 +379,26 @@ class Trainer:
         grad_norms = []
         for mini in _split(list(range(B)), cfg.optimizer_steps_per_batch):
             self.prefix_states = {}  # teacher prompts encoded under the current teacher weights
-            n_seq = len(mini)
-            n_tok = sum(max(1, len(completions_B[i])) for i in mini)
+            # denominators of the whole mini-batch, over all processes (each holds an equal share of it)
+            counts = procs.gather((len(mini), sum(max(1, len(completions_B[i])) for i in mini)))
+            n_seq, n_tok = sum(c[0] for c in counts), sum(c[1] for c in counts)
             # similar lengths share a micro-batch: less padding; the exact denominators keep the gradient.
             # With prefix sharing, rows with the same teacher prompt go together so it is encoded once.
             if cfg.teacher_prefix_sharing and cfg.method != "grpo":
                 order = sorted(mini, key=lambda i: (tuple(teacher_prompts_B[i] or ()), len(completions_B[i])))
             else:
                 order = sorted(mini, key=lambda i: len(prompts_B[i]) + len(completions_B[i]))
-            for micro in _chunks(order, cfg.micro_batch_size):
-                loss, m = self.micro_batch_loss(micro, prompts_B, completions_B, advantages_B,
-                                                teacher_prompts_B, old_logps, n_seq, n_tok, timer)
-                with timer("backward"):
-                    loss.backward()
+            micros = _chunks(order, cfg.micro_batch_size)  # as many on every process
+            for m_index, micro in enumerate(micros):
+                # gradients are all-reduced once per optimizer step, in the backward of its last micro-batch
+                with procs.no_sync(self.student, skip=m_index < len(micros) - 1):
+                    loss, m = self.micro_batch_loss(micro, prompts_B, completions_B, advantages_B,
+                                                    teacher_prompts_B, old_logps, n_seq, n_tok, timer)
+                    with timer("backward"):
+                        # loss is this process's part of the global mean (global denominators), and the global
+                        # loss is the sum of the N parts; DDP averages gradients over N processes, so x N gives
+                        # the gradient of the global loss: mean_r grad(N * loss_r) = grad(sum_r loss_r)
+                        (loss * procs.world).backward()
                 for k, v in m.items():
                     sums[k] += v
             with timer("optimizer"):
@@ -351,6 +410,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
         self.prefix_states = {}
+        sums = procs.sum_dicts(sums)  # the parts of every process: global losses and counts
         n_mini = cfg.optimizer_steps_per_batch
         out = {"loss": sums.pop("loss") / n_mini, "grad_norm": sum(grad_norms) / len(grad_norms)}
         if "divergence_tokens" in sums:
@@ -362,18 +422,18 @@ class Trainer:
     def micro_batch_loss(self, micro, prompts_B, completions_B, advantages_B, teacher_prompts_B,
                          old_logps, n_seq, n_tok, timer):
         cfg = self.cfg
-        batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id)
+        batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id).to(self.device)
         mask = batch.completion_mask.float()
         R = batch.completion_len
         with timer("student_forward"), self.autocast():
-            logits = completion_logits(self.model, batch, cfg.temperature)  # (b, R, V)
+            logits = completion_logits(self.student, batch, cfg.temperature)  # (b, R, V)
             logp = losses.token_logprobs(logits, batch.completion_ids)  # (b, R)
         old = old_logps[micro, :R] if old_logps is not None else logp.detach()
         metrics: dict[str, float] = {}
 
         grpo_loss = logits.new_zeros(())
         if cfg.method == "grpo" or cfg.grpo_weight > 0:
-            per_token = losses.grpo_token_loss(logp, old, advantages_B[micro], cfg.grpo_clip_low,
+            per_token = losses.grpo_token_loss(logp, old, advantages_B[micro].to(self.device), cfg.grpo_clip_low,
                                                cfg.grpo_clip_high)
             grpo_loss = losses.token_mean(per_token, mask, num_tokens=n_tok)
             metrics["grpo_loss"] = grpo_loss.item()
@@ -386,14 +446,14 @@ class Trainer:
         distill_loss = logits.sum() * 0.0  # graph-attached zero when no rollout has a signal
         if rows:
             teacher_batch = pack([teacher_prompts_B[micro[j]] for j in rows],
-                                 [completions_B[micro[j]] for j in rows], self.pad_id)
+                                 [completions_B[micro[j]] for j in rows], self.pad_id).to(self.device)
             with timer("teacher_forward"), torch.no_grad(), self.autocast():
                 forward = functools.partial(self.teacher.forward, self.model)
                 if cfg.teacher_prefix_sharing:  # a prompt shared by several rollouts is encoded once
                     teacher_logits = grouped_prefix_completion_logits(
                         forward, [teacher_prompts_B[micro[j]] for j in rows],
                         [completions_B[micro[j]] for j in rows], self.pad_id, cfg.temperature,
-                        states=self.prefix_states)
+                        states=self.prefix_states, device=self.device)
                 else:
                     teacher_logits = completion_logits(forward, teacher_batch, cfg.temperature)
             student_logits = logits[rows, :teacher_batch.completion_len]
@@ -422,9 +482,10 @@ class Trainer:
     def sampling_logprobs(self, prompts_B, completions_B) -> torch.Tensor:
         """log pi_old(y_t) of every completion token before any update: (B, R_max)."""
         R = max(1, max(len(c) for c in completions_B))
-        out = torch.zeros(len(prompts_B), R)
+        out = torch.zeros(len(prompts_B), R, device=self.device)
         for micro in _chunks(list(range(len(prompts_B))), self.cfg.micro_batch_size):
             batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id)
+            batch = batch.to(self.device)
             with self.autocast():
                 logits = completion_logits(self.model, batch, self.cfg.temperature)
                 out[micro, :batch.completion_len] = losses.token_logprobs(logits, batch.completion_ids).float()
@@ -438,19 +499,24 @@ class Trainer:
                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size,
                        seed=cfg.seed + 1)
         out = _eval_fields(evaluate(self.sampler.model, self.tokenizer, self.task, self.eval_problems,
-                                    desc=f"eval@{step}", **options))
-        if self.memory is not None and (cfg.eval_with_memory or cfg.freeze == "policy"):
-            contexts = [self.memory.eval_context(p, self.task.messages(p)) for p in self.eval_problems]
-            prompts = [self.context_ids(p, c) for p, c in zip(self.eval_problems, contexts)]
+                                    desc=f"eval@{step}", processes=self.processes, **options))
+        if cfg.method == "pmd" and (cfg.eval_with_memory or cfg.freeze == "policy"):
+            prompts = fraction = None
+            if self.memory is not None:  # the main process reads the memory; every process evaluates a share
+                contexts = [self.memory.eval_context(p, self.task.messages(p)) for p in self.eval_problems]
+                prompts = [self.context_ids(p, c) for p, c in zip(self.eval_problems, contexts)]
+                fraction = sum(c is not None for c in contexts) / len(contexts)
+            prompts, fraction = self.processes.broadcast((prompts, fraction))
             with_memory = evaluate(self.sampler.model, self.tokenizer, self.task, self.eval_problems,
-                                   prompts=prompts, desc=f"eval+memory@{step}", **options)
+                                   prompts=prompts, desc=f"eval+memory@{step}", processes=self.processes,
+                                   **options)
             out.update({"eval_memory_" + k[len("eval_"):]: v for k, v in _eval_fields(with_memory).items()
                         if k not in ("eval_n", "eval_k")})
-            out["eval_memory_context_fraction"] = sum(c is not None for c in contexts) / len(contexts)
+            out["eval_memory_context_fraction"] = fraction
         return out
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
 
     def save_final(self, path: Path) -> None:
         """A plain transformers folder: LoRA merged in float32, so small updates are not rounded away."""
@@ -464,69 +530,103 @@ class Trainer:
 
 # ---------------------------------------------------------------------------------------------------- run
 def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
-    """Run (or resume) a full training run; returns the run folder."""
-    explicit_keys = explicit_keys or set()
-    if not cfg.output_dir:
-        cfg.output_dir = str(Path("runs") / f"{cfg.run_name()}-{datetime.now():%Y%m%d-%H%M%S}")
+    """Run (or resume) a full training run; returns the run folder.
+
+    Launched with N processes (accelerate launch / torchrun), every process runs this function; the main one
+    alone writes the run folder and prints.
+    """
+    procs = Processes()
+    main = procs.is_main
+    say = _say if main else (lambda msg: None)
+    # the main process decides the folder, the config and whether to resume; every process follows it
+    decision = procs.broadcast(_resolve_run(cfg, explicit_keys or set(), procs.world) if main else None)
+    if isinstance(decision, ConfigError):
+        raise decision
+    cfg, resuming, checkpoint = decision
     run = RunDir(cfg.output_dir)
-    resuming = run.exists()
-    if resuming:
-        cfg = run.resume_config(cfg, explicit_keys)
-    run.write_config(cfg)
+    if main:
+        run.write_config(cfg)
 
     t0 = time.time()
-    checkpoint = run.latest_checkpoint() if resuming else None
-    run.restore_memory(checkpoint)  # the memory of the checkpoint, or none: a kill mid-step loses nothing
-    trainer = Trainer(cfg, run.path)
+    if main:
+        run.restore_memory(checkpoint)  # the memory of the checkpoint, or none: a kill mid-step loses nothing
+    trainer = Trainer(cfg, run.path, procs)
     start = 1
     if checkpoint is not None:
-        state = trainer_load(run, trainer, checkpoint)
+        state = trainer_load(run, trainer, checkpoint)  # every process loads it (its own RNG state)
         start = state["step"] + 1
-        run.truncate_after(state["step"])
-        tqdm.write(f"resuming {run.path} from step {state['step']}")
-    elif resuming:
+        if main:
+            run.truncate_after(state["step"])
+        say(f"resuming {run.path} from step {state['step']}")
+    elif resuming and main:
         run.truncate_after(-1)  # nothing was checkpointed: start over cleanly
-    _say(f"run folder: {run.path}  |  method={cfg.method} model={cfg.model} task={cfg.task}")
+    procs.barrier()
+    say(f"run folder: {run.path}  |  method={cfg.method} model={cfg.model} task={cfg.task}"
+        + (f"  |  {procs.world} processes" if procs.world > 1 else ""))
 
     if start == 1 and cfg.eval_problems:
         before = trainer.evaluate(0)
-        run.append("metrics.jsonl", [{"step": 0, **before}])
-        _say(f"held-out accuracy before training: {_fmt_eval(before)}")
+        if main:
+            run.append("metrics.jsonl", [{"step": 0, **before}])
+        say(f"held-out accuracy before training: {_fmt_eval(before)}")
 
-    bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc="train", unit="step")
+    bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc="train", unit="step",
+               disable=not main)
     for step in bar:
-        row, rollouts = trainer.train_step(step)
+        row, rollouts = trainer.train_step(step)  # gathered to the main process (empty elsewhere)
         if cfg.eval_problems and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             t = time.time()
             row.update(trainer.evaluate(step))
             row["time/eval"] = round(time.time() - t, 3)
-        run.append("rollouts.jsonl", rollouts)
-        if trainer.memory is not None:
-            run.append("reflections.jsonl", trainer.memory.take_log())
-        run.append("metrics.jsonl", [row])
-        bar.write(_step_line(row, cfg))
+        if main:
+            run.append("rollouts.jsonl", rollouts)
+            if trainer.memory is not None:
+                run.append("reflections.jsonl", trainer.memory.take_log())
+            run.append("metrics.jsonl", [row])
+            bar.write(_step_line(row, cfg))
         if step == cfg.steps or step % cfg.save_every == 0:
-            run.save_checkpoint(step, trainer.model, trainer.teacher.state_dict(), trainer.optimizer,
-                                trainer.scheduler, {"wall_seconds": time.time() - t0}, cfg.keep_checkpoints,
-                                memory=trainer.memory.store if trainer.memory else None)
+            rng_states = procs.gather(rng_state())  # per process: resume restores each one's own stream
+            if main:  # weights, teacher and optimizer are the same on every process after a synchronised update
+                run.save_checkpoint(step, trainer.model, trainer.teacher.state_dict(), trainer.optimizer,
+                                    trainer.scheduler, {"wall_seconds": time.time() - t0}, cfg.keep_checkpoints,
+                                    memory=trainer.memory.store if trainer.memory else None, rng_states=rng_states)
+            procs.barrier()
     bar.close()
 
-    trainer.save_final(run.path / "final")
-    summary = _summary(run, cfg, time.time() - t0)
-    (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
-    _say(f"held-out accuracy after training:  {_fmt_eval(summary.get('after', {}))}")
-    _say(f"final model: {run.path / 'final'}  (load with AutoModelForCausalLM.from_pretrained)")
-    try:  # a report that cannot be drawn must not fail a finished run
-        from pmd.report import write_report
+    if main:
+        trainer.save_final(run.path / "final")
+        summary = _summary(run, cfg, time.time() - t0)
+        (run.path / "summary.json").write_text(json.dumps(summary, indent=1))
+        say(f"held-out accuracy after training:  {_fmt_eval(summary.get('after', {}))}")
+        say(f"final model: {run.path / 'final'}  (load with AutoModelForCausalLM.from_pretrained)")
+        try:  # a report that cannot be drawn must not fail a finished run
+            from pmd.report import write_report
 
-        _say(f"report: {write_report([run.path])}")
-    except Exception as e:  # noqa: BLE001
-        _say(f"report: not written ({type(e).__name__}: {e}); retry with `pmd report {run.path}`")
+            say(f"report: {write_report([run.path])}")
+        except Exception as e:  # noqa: BLE001
+            say(f"report: not written ({type(e).__name__}: {e}); retry with `pmd report {run.path}`")
+    procs.barrier()
     return run.path
 
 
+def _resolve_run(cfg: Config, explicit_keys: set[str], world: int):
+    """(config, resuming, latest checkpoint) of the run to start or resume, or the ConfigError that stops it."""
+    try:
+        if not cfg.output_dir:
+            cfg.output_dir = str(Path("runs") / f"{cfg.run_name()}-{datetime.now():%Y%m%d-%H%M%S}")
+        run = RunDir(cfg.output_dir)
+        resuming = run.exists()
+        if resuming:
+            cfg = run.resume_config(cfg, explicit_keys)
+        check_processes(cfg, world)
+    except ConfigError as error:  # raised on every process, not only the main one
+        return error
+    return cfg, resuming, run.latest_checkpoint() if resuming else None
+
+
 def trainer_load(run: RunDir, trainer: Trainer, checkpoint: Path) -> dict:
-    state = run.load_checkpoint(checkpoint, trainer.model, trainer.teacher, trainer.optimizer, trainer.scheduler)
+    state = run.load_checkpoint(checkpoint, trainer.model, trainer.teacher, trainer.optimizer, trainer.scheduler,
+                                rank=trainer.processes.rank)
     trainer.sampler.sync(trainer.model)
     return state
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pmd.models import load_model_and_tokenizer
-from pmd.rollout import SamplingCopy, _decode, _sample, completion_logits, pack
+from pmd.rollout import SamplingCopy, _decode, _sample, completion_logits, generate, pack, sample_seed
 
 
 def tiny():
@@ -35,18 +35,41 @@ def test_greedy_decode_matches_generate_with_rows_stopping_early():
 def test_sampling_is_seeded():
     model, tok = tiny()
     prompts = [tok("5 + 5 =")["input_ids"]] * 4
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(3)
-        runs.append(_decode(model, prompts, tok.pad_token_id, {tok.eos_token_id}, max_new_tokens=8,
-                            temperature=1.0, top_p=1.0, greedy=False)[0])
+    seeds = [sample_seed("test", i) for i in range(4)]
+    runs = [_decode(model, prompts, tok.pad_token_id, {tok.eos_token_id}, max_new_tokens=8, temperature=1.0,
+                    top_p=1.0, greedy=False, seeds=seeds)[0] for _ in range(2)]
     assert runs[0] == runs[1]
+    assert len({tuple(r) for r in runs[0]}) > 1  # one stream per row: the same prompt gets different samples
+
+
+def test_a_row_samples_the_same_tokens_alone_or_in_any_batch():
+    """Each row draws from its own generator, so batching (and hence sharding rows across processes) does not
+    change what it samples: the padding and batch shape move float32 logits only by rounding."""
+    model, tok = tiny()
+    texts = ["12 + 7 =", "a much longer prompt here: 3 + 4 =", "x", "99-1", "5 + 5 =", "7 * 8 = ?"]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    seeds = [sample_seed("rollout", 0, 1, i, 0) for i in range(len(prompts))]
+    digits = {tok(d)["input_ids"][0] for d in "0123456789"}  # rows stop at a digit: they leave the batch early
+    options = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, greedy=False, stop_ids=digits)
+    together, done = generate(model, tok, prompts, batch_size=8, seeds=seeds, **options)
+    alone = [generate(model, tok, [p], batch_size=1, seeds=[s], **options)[0][0] for p, s in zip(prompts, seeds)]
+    backwards, _ = generate(model, tok, prompts[::-1], batch_size=4, seeds=seeds[::-1], **options)
+    assert together == alone == backwards[::-1]
+    assert any(done) and not all(done)  # rows left the batch at different steps
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    draws = _sample(probs.log().expand(n, -1), 1.0, 1.0, greedy=False,
+                    generators=[torch.Generator().manual_seed(i) for i in range(n)])
+    assert torch.allclose(torch.bincount(draws, minlength=4) / n, probs, atol=0.03)
 
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    torch.manual_seed(0)
-    draws = {int(_sample(logits, 1.0, 0.7, greedy=False)) for _ in range(300)}
+    draws = {int(_sample(logits, 1.0, 0.7, greedy=False, generators=[torch.Generator().manual_seed(i)]))
+             for i in range(300)}
     assert draws == {0, 1}  # 0.5 alone < 0.7, 0.5 + 0.3 >= 0.7
     assert int(_sample(logits, 1.0, 1.0, greedy=True)) == 0
 

@@ -94,7 +94,7 @@ def test_prefix_shared_teacher_gives_the_same_gradient(tmp_path, monkeypatch):
 
     encoded = []
     real_encode = pmd.prefix.encode_prefix
-    monkeypatch.setattr(pmd.prefix, "encode_prefix", lambda f, ids: encoded.append(len(ids)) or real_encode(f, ids))
+    monkeypatch.setattr(pmd.prefix, "encode_prefix", lambda f, ids, *a: encoded.append(len(ids)) or real_encode(f, ids, *a))
     out = {}
     for sharing in (False, True):
         trainer = Trainer(tiny(tmp_path, method="sdpo", dtype="float32", max_grad_norm=0.0, group_size=6,
