@@ -65,26 +65,31 @@ def test_training_changes_trainable_parameters(tmp_path):
     assert changed and all(n in changed for n in before if "lora_B" in n)
 
 
+def _first_step_gradient(trainer: Trainer) -> tuple[torch.Tensor, dict, list[dict]]:
+    """The accumulated gradient of step 1 (weights kept), with the step's metrics row and rollout rows."""
+    trainer.optimizer.step = lambda: None  # keep weights: compare the accumulated gradient only
+    captured = {}
+    orig = torch.nn.utils.clip_grad_norm_
+
+    def capture(params, max_norm):
+        params = list(params)
+        captured["g"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+        return orig(params, max_norm)
+
+    torch.nn.utils.clip_grad_norm_ = capture
+    try:
+        row, rollouts = trainer.train_step(1)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = orig
+    return captured["g"], row, rollouts
+
+
 def test_micro_batching_does_not_change_the_gradient(tmp_path):
     grads = []
     for micro in (8, 3):
         trainer = Trainer(tiny(tmp_path, micro_batch_size=micro, dtype="float32", max_grad_norm=0.0))
-        trainer.optimizer.step = lambda: None  # keep weights: compare the accumulated gradient only
         torch.manual_seed(0)
-        captured = {}
-        orig = torch.nn.utils.clip_grad_norm_
-
-        def capture(params, max_norm):
-            params = list(params)
-            captured["g"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-            return orig(params, max_norm)
-
-        torch.nn.utils.clip_grad_norm_ = capture
-        try:
-            trainer.train_step(1)
-        finally:
-            torch.nn.utils.clip_grad_norm_ = orig
-        grads.append(captured["g"])
+        grads.append(_first_step_gradient(trainer)[0])
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
@@ -99,19 +104,8 @@ def test_prefix_shared_teacher_gives_the_same_gradient(tmp_path, monkeypatch):
     for sharing in (False, True):
         trainer = Trainer(tiny(tmp_path, method="sdpo", dtype="float32", max_grad_norm=0.0, group_size=6,
                                teacher_prefix_sharing=sharing))
-        trainer.optimizer.step = lambda: None
-        captured = {}
-        orig = torch.nn.utils.clip_grad_norm_
-
-        def capture(params, max_norm):
-            params = list(params)
-            captured["g"] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
-            return orig(params, max_norm)
-
-        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", capture)
-        row, rollouts = trainer.train_step(1)
-        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", orig)
-        out[sharing] = (captured["g"], row, [r["completion"] for r in rollouts])
+        grad, row, rollouts = _first_step_gradient(trainer)
+        out[sharing] = (grad, row, [r["completion"] for r in rollouts])
     assert out[True][2] == out[False][2]  # same rollouts: the comparison is of the teacher forward alone
     assert 0 < len(encoded) < 2 * 6 * out[True][1]["teacher_signal_fraction"]  # prompts were shared
     assert torch.allclose(out[True][0], out[False][0], atol=1e-6, rtol=1e-4)
