@@ -101,6 +101,9 @@ class Config:
     teacher_prefix_sharing: bool = _f(
         True, "Teacher forward encodes each distinct teacher prompt once and runs the completions that share it "
               "against its cached keys/values (same logits, fewer tokens computed; PMD_METHOD.md 3.10).")
+    student_prefix_sharing: bool = _f(
+        True, "Student forward (with gradients) encodes each problem's prompt once for its G rollouts in a "
+              "micro-batch, instead of once per rollout (same loss and gradient, fewer tokens computed).")
     max_teacher_prompt_tokens: int = _f(2048, "Teacher prompt budget; an over-long demonstration is dropped, "
                                               "never cut.")
 

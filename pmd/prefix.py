@@ -19,9 +19,11 @@ not repeated in memory. A model whose cache is not a plain full-attention `Dynam
 linear attention) falls back to the ordinary packed forward.
 
 `forward` is the model or any callable with its keyword interface, e.g. `functools.partial(teacher.forward,
-model)` (weights swapped with `torch.func.functional_call`) or a PEFT-wrapped model. Call under `torch.no_grad()`
-(the teacher is a target, not trained) and, if wanted, `torch.autocast`; a `PrefixState` must be used under the
-same weights and dtype it was encoded with.
+model)` (weights swapped with `torch.func.functional_call`) or a PEFT-wrapped model. The teacher calls it under
+`torch.no_grad()`; the student calls it with gradients (the expand and cat are differentiable, so each row's
+gradient reaches the shared prefix computation and the prefix's gradient is the sum over its rows, as in the
+packed forward). A `PrefixState` must be used under the same weights and dtype it was encoded with, and one
+with a graph only until the backward that frees it.
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ def grouped_prefix_completion_logits(forward, prefixes: list[list[int]], complet
         blocks.append((singles, completion_logits(forward, batch, temperature)))
 
     first = blocks[0][1]
+    if len(blocks) == 1 and blocks[0][0] == list(range(B)) and first.shape[1] == R:  # nothing to reorder
+        return first
     out = first.new_zeros((B, R, first.shape[-1]))
     for rows, logits in blocks:
         out[rows, :logits.shape[1]] = logits.to(out.dtype)

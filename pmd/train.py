@@ -383,11 +383,14 @@ class Trainer:
             counts = procs.gather((len(mini), sum(max(1, len(completions_B[i])) for i in mini)))
             n_seq, n_tok = sum(c[0] for c in counts), sum(c[1] for c in counts)
             # similar lengths share a micro-batch: less padding; the exact denominators keep the gradient.
-            # With prefix sharing, rows with the same teacher prompt go together so it is encoded once.
+            # With prefix sharing, rows with the same prompt (student) or teacher prompt go together so that
+            # it is encoded once per micro-batch.
+            student_key = (lambda i: tuple(prompts_B[i])) if cfg.student_prefix_sharing else (lambda i: ())
             if cfg.teacher_prefix_sharing and cfg.method != "grpo":
-                order = sorted(mini, key=lambda i: (tuple(teacher_prompts_B[i] or ()), len(completions_B[i])))
+                order = sorted(mini, key=lambda i: (student_key(i), tuple(teacher_prompts_B[i] or ()),
+                                                    len(completions_B[i])))
             else:
-                order = sorted(mini, key=lambda i: len(prompts_B[i]) + len(completions_B[i]))
+                order = sorted(mini, key=lambda i: (student_key(i), len(prompts_B[i]) + len(completions_B[i])))
             micros = _chunks(order, cfg.micro_batch_size)  # as many on every process
             for m_index, micro in enumerate(micros):
                 # gradients are all-reduced once per optimizer step, in the backward of its last micro-batch
@@ -426,7 +429,12 @@ class Trainer:
         mask = batch.completion_mask.float()
         R = batch.completion_len
         with timer("student_forward"), self.autocast():
-            logits = completion_logits(self.student, batch, cfg.temperature)  # (b, R, V)
+            if cfg.student_prefix_sharing:  # the G rollouts of a problem read its prompt's keys/values, with grad
+                logits = grouped_prefix_completion_logits(
+                    self.student, [prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id,
+                    cfg.temperature, device=self.device)
+            else:
+                logits = completion_logits(self.student, batch, cfg.temperature)  # (b, R, V)
             logp = losses.token_logprobs(logits, batch.completion_ids)  # (b, R)
         old = old_logps[micro, :R] if old_logps is not None else logp.detach()
         metrics: dict[str, float] = {}
@@ -487,7 +495,12 @@ class Trainer:
             batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id)
             batch = batch.to(self.device)
             with self.autocast():
-                logits = completion_logits(self.model, batch, self.cfg.temperature)
+                if self.cfg.student_prefix_sharing:  # rows of a problem are consecutive: its prompt runs once
+                    logits = grouped_prefix_completion_logits(
+                        self.model, [prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id,
+                        self.cfg.temperature, device=self.device)
+                else:
+                    logits = completion_logits(self.model, batch, self.cfg.temperature)
                 out[micro, :batch.completion_len] = losses.token_logprobs(logits, batch.completion_ids).float()
         return out
 

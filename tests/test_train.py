@@ -114,6 +114,36 @@ def test_prefix_shared_teacher_gives_the_same_gradient(tmp_path, monkeypatch):
             assert out[True][1][key] == pytest.approx(out[False][1][key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("method", ["grpo", "sdpo"])
+def test_prefix_shared_student_gives_the_same_gradient(tmp_path, monkeypatch, method):
+    """Student forward with each problem's prompt encoded once per micro-batch == the packed forward (float32):
+    the gradient flows through the shared keys/values into the prompt's computation."""
+    import pmd.prefix
+
+    encoded = []
+    real_encode = pmd.prefix.encode_prefix
+    monkeypatch.setattr(pmd.prefix, "encode_prefix", lambda f, ids, *a: encoded.append(len(ids)) or real_encode(f, ids, *a))
+    # varied rewards (share of digits), so GRPO advantages are not all zero
+    (tmp_path / "reward.py").write_text("def score(prompts, completions, **kw):\n"
+                                        "    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions]\n")
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "Write digits, case {i}."}}\n' for i in range(20)))
+    out = {}
+    for sharing in (False, True):
+        encoded.clear()
+        # micro-batch 4 < group 6: a problem's rows span micro-batches, and some micro-batches mix problems
+        trainer = Trainer(tiny(tmp_path, method=method, dtype="float32", max_grad_norm=0.0, group_size=6,
+                               micro_batch_size=4, teacher_prefix_sharing=False, student_prefix_sharing=sharing,
+                               task=str(tmp_path / "data.jsonl"), success_threshold=0.2,
+                               task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"}))
+        grad, row, rollouts = _first_step_gradient(trainer)
+        out[sharing] = (grad, row, [r["completion"] for r in rollouts], len(encoded))
+    assert out[True][2] == out[False][2]
+    assert out[False][3] == 0 < out[True][3] < len(out[True][2])  # fewer prompt encodes than rows
+    assert out[True][0].abs().max() > 0
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6, rtol=1e-4)
+    assert out[True][1]["loss"] == pytest.approx(out[False][1]["loss"], rel=1e-4, abs=1e-6)
+
+
 def _final_weights(run: Path) -> dict:
     return load_file(run / "final" / "model.safetensors")
 
