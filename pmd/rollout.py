@@ -103,26 +103,19 @@ def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, 
     lengths (a few tokens to `max_new_tokens`) most of that work is padding. Here a row leaves the batch as
     soon as it emits EOS, so the cost follows the tokens actually generated.
     """
-    from transformers import DynamicCache
-
     b, P = len(prompts), max(len(p) for p in prompts)
-    input_ids = torch.full((b, P), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((b, P), dtype=torch.long)
     for i, p in enumerate(prompts):
-        input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
         attention_mask[i, P - len(p):] = 1
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     device = next(model.parameters()).device
-    input_ids, attention_mask, position_ids = input_ids.to(device), attention_mask.to(device), position_ids.to(device)
+    attention_mask = attention_mask.to(device)
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     generators = None if greedy else [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    cache = DynamicCache(config=model.config)
     out_ids: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     rows = torch.arange(b, device=device)  # original index of each row still in the batch
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-    next_pos = position_ids[:, -1] + 1
+    cache, logits = _prefill(model, prompts, pad_id, attention_mask)
+    next_pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         alive = rows.tolist()
         tokens = _sample(logits.float(), temperature, top_p, greedy,
@@ -143,6 +136,51 @@ def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, 
                        cache=cache, use_cache=True).logits[:, -1, :]
         next_pos = next_pos + 1
     return out_ids, done
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, attention_mask: torch.Tensor):
+    """Run the left-padded prompts through the model: (KV cache, last-position logits (b, V)).
+
+    A group repeats its prompt G times; each distinct prompt is encoded once (batch 1) and its keys/values are
+    copied into the rows that use it, so the prompt is computed once per group, not G times. Models whose cache
+    is not a stack of plain full-attention layers, and batches without repeats, take one batched forward.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    b, P = attention_mask.shape
+    device = attention_mask.device
+    rows_of: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        rows_of.setdefault(tuple(p), []).append(i)
+    cache = DynamicCache(config=model.config)
+    if len(rows_of) < b and all(type(layer) is DynamicLayer for layer in cache.layers):
+        keys = values = logits = None
+        for prompt, rows in rows_of.items():
+            n = len(prompt)
+            out = model(input_ids=torch.tensor([prompt], device=device), attention_mask=torch.ones(1, n, device=device,
+                        dtype=torch.long), position_ids=torch.arange(n, device=device)[None], use_cache=True,
+                        logits_to_keep=1)
+            layers = out.cache.layers
+            if keys is None:  # (b, heads, P, head_dim); left padding stays zero: the attention mask hides it
+                keys = [layer.keys.new_zeros(b, layer.keys.shape[1], P, layer.keys.shape[3]) for layer in layers]
+                values = [layer.values.new_zeros(b, layer.values.shape[1], P, layer.values.shape[3])
+                          for layer in layers]
+                logits = out.logits.new_empty(b, out.logits.shape[-1])
+            for k, v, layer in zip(keys, values, layers):
+                k[rows, :, P - n:] = layer.keys
+                v[rows, :, P - n:] = layer.values
+            logits[rows] = out.logits[0, -1]
+        for index, (k, v) in enumerate(zip(keys, values)):
+            cache.update(k, v, index)
+        return cache, logits
+    input_ids = torch.full((b, P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        input_ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask, position_ids=position_ids,
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+    return cache, logits
 
 
 def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bool,

@@ -58,6 +58,41 @@ def test_a_row_samples_the_same_tokens_alone_or_in_any_batch():
     assert any(done) and not all(done)  # rows left the batch at different steps
 
 
+def test_repeated_prompts_are_encoded_once_with_the_same_result(monkeypatch):
+    """A group's G copies of a prompt are prefilled once (batch 1) and their keys/values copied to the G rows;
+    the cache and first logits equal those of the batched, left-padded prefill, so greedy decoding is equal."""
+    import pmd.rollout
+
+    model, tok = tiny()
+    texts = ["12 + 7 =", "a much longer prompt here: 3 + 4 =", "x"]
+    prompts = [tok(t)["input_ids"] for t in texts for _ in range(3)]
+    b, P = len(prompts), max(len(p) for p in prompts)
+    mask = torch.zeros(b, P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        mask[i, P - len(p):] = 1
+    forwards = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: forwards.append(kw["input_ids"].shape) or real_forward(**kw))
+    shared_cache, shared_logits = pmd.rollout._prefill(model, prompts, tok.pad_token_id, mask)
+    assert forwards == [(1, len(tok(t)["input_ids"])) for t in texts]  # one batch-1 forward per distinct prompt
+    # the reference: one batched forward over the left-padded prompts
+    ids = torch.full((b, P), tok.pad_token_id)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+    out = real_forward(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       use_cache=True, logits_to_keep=1)
+    torch.testing.assert_close(shared_logits, out.logits[:, -1], atol=1e-5, rtol=1e-4)
+    for shared, packed in zip(shared_cache.layers, out.cache.layers):
+        real = mask.bool()  # padded positions differ (zeros vs pad-token states) and are never attended
+        torch.testing.assert_close(shared.keys.transpose(1, 2)[real], packed.keys.transpose(1, 2)[real],
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(shared.values.transpose(1, 2)[real], packed.values.transpose(1, 2)[real],
+                                   atol=1e-5, rtol=1e-4)
+    ids_shared, _ = _decode(model, prompts, tok.pad_token_id, {tok.eos_token_id}, max_new_tokens=8,
+                            temperature=1.0, top_p=1.0, greedy=True)
+    assert ids_shared == [hf_greedy(model, p, 8, tok.eos_token_id) for p in prompts]
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 4000
