@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pmd.context import Context, Item, fit
-from pmd.memory import MemoryLimits, MemoryStore, Rollout, normalize_text
-from pmd.reflection import ParseReport, behavior_prompt, insight_prompt, parse_behaviors, parse_insights
+from pmd.memory import MemoryLimits, MemoryStore, Rollout
+from pmd.reflection import (ParseReport, behavior_prompt, copied_from, insight_prompt, parse_behaviors,
+                            parse_insights)
 from pmd.tasks import Problem
 from pmd.teacher import strip_thinking
 
@@ -114,8 +115,7 @@ class ProceduralMemory:
             strategies, lessons, _ = parse_insights(output, max_items=3, max_tokens=self.cfg.l2_entry_max_tokens,
                                                     count_tokens=self.item_tokens, report=report)
             # A line copied from the prompt (its format description, or an attempt) is not an insight.
-            copied = normalize_text(prompt)
-            kept = [t for t in strategies + lessons if normalize_text(t) not in copied]
+            kept = [t for t in strategies + lessons if not copied_from(t, prompt)]
             self.counters["reflect/copied"] += len(strategies) + len(lessons) - len(kept)
             strategies, lessons = [t for t in strategies if t in kept], [t for t in lessons if t in kept]
             ids = self.store.add_insights(step, problem.id, strategies, lessons, source_rollouts=source)
@@ -155,9 +155,8 @@ class ProceduralMemory:
                 continue
             parsed, _ = parse_behaviors(output, max_items=1, max_tokens=self.cfg.l2_entry_max_tokens,
                                         count_tokens=self.item_tokens, report=report)
-            copied = normalize_text(prompt)  # the prompt's own placeholders or a note copied whole
-            kept = [b for b in parsed if normalize_text(f"{b[0]}: {b[1]}") not in copied
-                    and normalize_text(b[1]) not in copied]
+            # the prompt's own placeholders or a note copied whole
+            kept = [b for b in parsed if not copied_from(f"{b[0]}: {b[1]}", prompt) and not copied_from(b[1], prompt)]
             self.counters["behavior/copied"] += len(parsed) - len(kept)
             parsed = kept
             row["behaviors"] = [list(b) for b in parsed]

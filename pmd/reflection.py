@@ -33,6 +33,7 @@ trainer can log `reflect/parse_fail` and friends.
 
 from __future__ import annotations
 
+import difflib
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -255,6 +256,23 @@ def _finish(report: ParseReport, kept: int, rejected: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- prompts
+def copied_from(entry: str, prompt: str, near: float = 0.8) -> bool:
+    """Whether a parsed entry repeats its reflection prompt instead of saying something new: it appears in the
+    prompt verbatim (after normalisation), or nearly equals one prompt line (difflib ratio >= `near`), as when a
+    small model rewrites a format placeholder ("what to do next" for "what to do instead")."""
+    key = normalize_text(entry)
+    if not key or key in normalize_text(prompt):
+        return True
+    matcher = difflib.SequenceMatcher(b=key, autojunk=False)
+    for line in prompt.splitlines():
+        line = normalize_text(line.split(":", 1)[1] if ":" in line[:20] else line)
+        if line and abs(len(line) - len(key)) <= len(key):
+            matcher.set_seq1(line)
+            if matcher.quick_ratio() >= near and matcher.ratio() >= near:
+                return True
+    return False
+
+
 def cut_attempt(text: str, max_chars: int) -> str:
     """At most `max_chars` characters, keeping the start (the approach) and the end (the answer)."""
     text, _ = strip_special_tokens(text)  # a literal <|im_end|> would end the reflector's own turn

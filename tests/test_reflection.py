@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pmd.reflection import (ParseReport, behavior_prompt, cut_attempt, insight_prompt, parse_behaviors,
+from pmd.reflection import (ParseReport, behavior_prompt, copied_from, cut_attempt, insight_prompt, parse_behaviors,
                             parse_insights, sanitize_entry)
 
 # Anything that could break the teacher-context template or the chat template if it reached memory.
@@ -222,3 +222,15 @@ def test_behavior_prompt_contents():
     assert "1. Note 0 with a newline." in prompt and "8. Note 7" in prompt and "Note 8" not in prompt
     assert "BEHAVIOR: <short name>:" in prompt and "WHEN:" in prompt
     assert "numbers" in prompt  # problem-specific numbers are forbidden
+
+
+def test_copies_of_the_prompt_are_recognised_verbatim_or_nearly():
+    prompt = insight_prompt("What is 12 + 30?", ["12 + 30 = 42. Answer: 42"], [("12 + 30 = 52", "The answer 52 is wrong.")])
+    # the format placeholders, verbatim and reworded the way SmolLM2-135M rewrote them in a run
+    assert copied_from("a step the correct attempts took that worked.", prompt)
+    assert copied_from("A mistake the wrong attempts made, and what to do next.", prompt)
+    assert copied_from("The answer 52 is wrong", prompt)  # the checker's feedback
+    assert copied_from("", prompt)
+    # real advice is kept, even when it shares words with the prompt
+    assert not copied_from("Add the tens first, then the ones, and check the sum.", prompt)
+    assert not copied_from("Write the final answer after 'Answer:' on its own line.", prompt)
