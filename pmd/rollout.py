@@ -202,7 +202,9 @@ def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bo
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     V = probs.shape[-1]
-    clocks = torch.stack([torch.empty(V, device=probs.device).exponential_(generator=g) for g in generators])
+    # E = -log(1 - U) with U uniform in [0, 1): `exponential_` draws the same law but is ~8x slower on CPU
+    uniforms = torch.stack([torch.rand(V, device=probs.device, generator=g) for g in generators])
+    clocks = -torch.log1p(-uniforms)
     return (probs / clocks.clamp(min=torch.finfo(clocks.dtype).tiny)).argmax(-1)
 
 
