@@ -214,8 +214,10 @@ def summarize(out: dict) -> dict:
     phases: dict[str, float] = {}
     for name in names:
         phases[name] = statistics.median(s["phases"].get(name, 0.0) for s in timed)
-    # disjoint phases only: pmd's own "step" and TRL's enclosing "total_*" are not parts of the step
-    others = [s["seconds"] - sum(v for n, v in s["phases"].items() if n != "step" and not n.startswith("total_"))
+    # disjoint phases only: pmd's own "step" and "memory" (the sum of its memory phases) and TRL's enclosing
+    # "total_*" are not parts of the step
+    others = [s["seconds"] - sum(v for n, v in s["phases"].items()
+                                 if n not in ("step", "memory") and not n.startswith("total_"))
               for s in timed]
     phases["other"] = statistics.median(others)
 
