@@ -118,7 +118,8 @@ SDPO_SETTINGS = {"distillation_topk": 100, "distillation_add_tail": True, "disti
 # pmd's PMD step (memory work included) has no TRL counterpart; it is compared with TRL's SDPO step.
 ARMS = [("grpo", "trl"), ("grpo", "pmd"), ("sdpo", "trl"), ("sdpo", "pmd"), ("pmd", "pmd")]
 TARGETS = {"sdpo": 0.6, "pmd": 0.8}  # issue 5: pmd step / TRL SDPO step at most this
-PHASES = ["generate", "verify", "teacher_context", "student_forward", "teacher_forward", "backward", "optimizer"]
+PHASES = ["generate", "verify", "teacher_context", "student_forward", "teacher_forward", "loss", "backward",
+          "optimizer"]
 
 
 def say(msg: str) -> None:

@@ -45,12 +45,13 @@ SPARE_COLORS = ["#64b5cd", "#c44e52", "#17becf", "#bcbd22", "#1f77b4", "#ff7f0e"
 # Phases of a training step in loop order (pmd/train.py). time/step and time/memory are totals of these and
 # time/eval is an evaluation, not training: none of the three is stacked with the phases.
 PHASES = ("generate", "verify", "memory_observe", "reflect", "consolidate", "teacher_context", "memory_record",
-          "old_logprobs", "student_forward", "teacher_forward", "backward", "optimizer", "sync_sampler")
+          "old_logprobs", "student_forward", "teacher_forward", "loss", "backward", "optimizer", "sync_sampler")
 NOT_PHASES = {"step", "memory", "eval"}
 PHASE_COLORS = {  # blues: sampling, greens: memory work, purples/oranges/reds: the update, greys: the rest
     "generate": "#4c72b0", "verify": "#a1c9f4", "memory_observe": "#1b7837", "reflect": "#5aae61",
     "consolidate": "#a6dba0", "teacher_context": "#b8e186", "memory_record": "#00441b", "old_logprobs": "#c7b3e6",
-    "student_forward": "#8172b3", "teacher_forward": "#dd8452", "backward": "#ffb482", "optimizer": "#c44e52",
+    "student_forward": "#8172b3", "teacher_forward": "#dd8452", "loss": "#e9a3c9", "backward": "#ffb482",
+    "optimizer": "#c44e52",
     "sync_sampler": "#937860", "other": "#dddddd",
 }
 

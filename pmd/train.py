@@ -441,9 +441,10 @@ class Trainer:
 
         grpo_loss = logits.new_zeros(())
         if cfg.method == "grpo" or cfg.grpo_weight > 0:
-            per_token = losses.grpo_token_loss(logp, old, advantages_B[micro].to(self.device), cfg.grpo_clip_low,
-                                               cfg.grpo_clip_high)
-            grpo_loss = losses.token_mean(per_token, mask, num_tokens=n_tok)
+            with timer("loss"):
+                per_token = losses.grpo_token_loss(logp, old, advantages_B[micro].to(self.device),
+                                                   cfg.grpo_clip_low, cfg.grpo_clip_high)
+                grpo_loss = losses.token_mean(per_token, mask, num_tokens=n_tok)
             metrics["grpo_loss"] = grpo_loss.item()
         if cfg.method == "grpo":
             metrics["loss"] = grpo_loss.item()
@@ -464,27 +465,35 @@ class Trainer:
                         states=self.prefix_states, device=self.device)
                 else:
                     teacher_logits = completion_logits(forward, teacher_batch, cfg.temperature)
-            student_logits = logits[rows, :teacher_batch.completion_len]
-            per_token = losses.topk_divergence(student_logits, teacher_logits,
-                                               topk=cfg.distillation_topk or None,
-                                               alpha=cfg.distillation_alpha,
-                                               add_tail=cfg.distillation_add_tail)
-            r = teacher_batch.completion_len
-            weight = losses.importance_weight(logp[rows, :r], old[rows, :r], cfg.distillation_is_clip)
-            row_mask = mask[rows, :r]
-            distill_loss = losses.seq_mean_token_mean(per_token * weight, row_mask, num_sequences=n_seq)
-            teacher_logp = losses.token_logprobs(teacher_logits, teacher_batch.completion_ids)
-            lengths = row_mask.sum(-1).clamp(min=1)
-            teacher_seq = ((teacher_logp * row_mask).sum(-1) / lengths).tolist()
-            student_seq = ((logp[rows, :r].detach() * row_mask).sum(-1) / lengths).tolist()
-            for j, t, s in zip(rows, teacher_seq, student_seq):
-                self.sequence_logps[micro[j]] = (t, s)
+            with timer("loss"):  # top-k support, divergence, weights and the diagnostics' log-probs
+                distill_loss, per_token, row_mask = self.distillation_loss(
+                    micro, rows, logits, logp, old, teacher_logits, teacher_batch, mask, n_seq)
             metrics["divergence_sum"] = (per_token.detach() * row_mask).sum().item()
             metrics["divergence_tokens"] = row_mask.sum().item()
         metrics["distill_loss"] = distill_loss.item()
         loss = (1 - cfg.grpo_weight) * distill_loss + cfg.grpo_weight * grpo_loss
         metrics["loss"] = loss.item()
         return loss, metrics
+
+    def distillation_loss(self, micro, rows, logits, logp, old, teacher_logits, teacher_batch, mask, n_seq):
+        """SDPO's per-token top-k divergence, IS-weighted, sequence-mean token-mean; records sequence log-probs."""
+        cfg = self.cfg
+        student_logits = logits[rows, :teacher_batch.completion_len]
+        per_token = losses.topk_divergence(student_logits, teacher_logits,
+                                           topk=cfg.distillation_topk or None,
+                                           alpha=cfg.distillation_alpha,
+                                           add_tail=cfg.distillation_add_tail)
+        r = teacher_batch.completion_len
+        weight = losses.importance_weight(logp[rows, :r], old[rows, :r], cfg.distillation_is_clip)
+        row_mask = mask[rows, :r]
+        distill_loss = losses.seq_mean_token_mean(per_token * weight, row_mask, num_sequences=n_seq)
+        teacher_logp = losses.token_logprobs(teacher_logits, teacher_batch.completion_ids)
+        lengths = row_mask.sum(-1).clamp(min=1)
+        teacher_seq = ((teacher_logp * row_mask).sum(-1) / lengths).tolist()
+        student_seq = ((logp[rows, :r].detach() * row_mask).sum(-1) / lengths).tolist()
+        for j, t, s in zip(rows, teacher_seq, student_seq):
+            self.sequence_logps[micro[j]] = (t, s)
+        return distill_loss, per_token, row_mask
 
     @torch.no_grad()
     def sampling_logprobs(self, prompts_B, completions_B) -> torch.Tensor:

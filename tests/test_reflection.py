@@ -225,7 +225,8 @@ def test_behavior_prompt_contents():
 
 
 def test_copies_of_the_prompt_are_recognised_verbatim_or_nearly():
-    prompt = insight_prompt("What is 12 + 30?", ["12 + 30 = 42. Answer: 42"], [("12 + 30 = 52", "The answer 52 is wrong.")])
+    prompt = insight_prompt("What is 12 + 30?", ["12 + 30 = 42. Answer: 42"],
+                            [("12 + 30 = 52", "The answer 52 is wrong.")])
     # the format placeholders, verbatim and reworded the way SmolLM2-135M rewrote them in a run
     assert copied_from("a step the correct attempts took that worked.", prompt)
     assert copied_from("A mistake the wrong attempts made, and what to do next.", prompt)

@@ -122,10 +122,12 @@ def test_prefix_shared_student_gives_the_same_gradient(tmp_path, monkeypatch, me
 
     encoded = []
     real_encode = pmd.prefix.encode_prefix
-    monkeypatch.setattr(pmd.prefix, "encode_prefix", lambda f, ids, *a: encoded.append(len(ids)) or real_encode(f, ids, *a))
+    monkeypatch.setattr(pmd.prefix, "encode_prefix",
+                        lambda f, ids, *a: encoded.append(len(ids)) or real_encode(f, ids, *a))
     # varied rewards (share of digits), so GRPO advantages are not all zero
-    (tmp_path / "reward.py").write_text("def score(prompts, completions, **kw):\n"
-                                        "    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions]\n")
+    (tmp_path / "reward.py").write_text(
+        "def score(prompts, completions, **kw):\n"
+        "    return [sum(c.isdigit() for c in t) / max(1, len(t)) for t in completions]\n")
     (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "Write digits, case {i}."}}\n' for i in range(20)))
     out = {}
     for sharing in (False, True):
