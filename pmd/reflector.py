@@ -53,13 +53,14 @@ class LocalReflector:
         fields = fields or [(prefill, "")]
         answers = ["" for _ in prompts]
         heads = [encode_chat(self.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        model, kept = self.model(), {}  # later fields start from the keys/values of the earlier ones
         for f, (prefix, stops) in enumerate(fields):
             answers = [a + prefix for a in answers]
             ids = [h + self.tokenizer(a, add_special_tokens=False)["input_ids"] for h, a in zip(heads, answers)]
-            out, _ = generate(self.model(), self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
+            out, _ = generate(model, self.tokenizer, ids, max_new_tokens=self.max_new_tokens,
                               temperature=self.temperature, top_p=1.0, greedy=False, batch_size=self.batch_size,
                               seeds=[sample_seed("reflect", seed, i, f) for i in range(len(ids))],
-                              stop_ids=self._stop_ids(stops))
+                              stop_ids=self._stop_ids(stops), prompt_cache=kept)
             texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
             answers = [a + _cut(t, stops) for a, t in zip(answers, texts)]
         return answers

@@ -72,13 +72,16 @@ def sample_seed(*parts) -> int:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float,
              top_p: float, greedy: bool, batch_size: int, seeds: list[int] | None = None,
-             stop_ids: set[int] | None = None) -> tuple[list[list[int]], list[bool]]:
+             stop_ids: set[int] | None = None, prompt_cache: dict | None = None) -> tuple[list[list[int]], list[bool]]:
     """Sample one completion per prompt (repeat a prompt G times for a group), batched, with a KV cache.
 
     Returns the completion token ids (trimmed after EOS, which is kept) and whether each finished with EOS.
     Sampling needs one seed per prompt: each row draws from its own generator, so its completion does not
     depend on the other rows of its batch, the batch size, or which process generates it (`sample_seed`).
     `stop_ids` end a row like EOS does (and are kept), e.g. every token that contains a newline.
+    `prompt_cache`: a dict the caller keeps across calls under the same weights; the keys/values of every prompt
+    are kept in it, and a later prompt that starts like a kept one only runs its new tokens (the reflector
+    writes field after field on top of one long prompt).
     """
     if not greedy and (seeds is None or len(seeds) != len(prompts)):
         raise ValueError("sampling needs one seed per prompt (see sample_seed)")
@@ -88,7 +91,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
     for start in range(0, len(prompts), batch_size):
         ids, done = _decode(model, prompts[start:start + batch_size], tokenizer.pad_token_id, eos_ids,
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
-                            seeds=None if greedy else seeds[start:start + batch_size])
+                            seeds=None if greedy else seeds[start:start + batch_size], prompt_cache=prompt_cache)
         completions += ids
         finished += done
     return completions, finished
@@ -96,7 +99,7 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
 
 def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, max_new_tokens: int,
             temperature: float, top_p: float, greedy: bool,
-            seeds: list[int] | None = None) -> tuple[list[list[int]], list[bool]]:
+            seeds: list[int] | None = None, prompt_cache: dict | None = None) -> tuple[list[list[int]], list[bool]]:
     """Token-by-token decoding that drops finished rows from the batch and the KV cache.
 
     `model.generate` keeps computing every row until the longest one stops; with completions of very different
@@ -114,7 +117,7 @@ def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, 
     out_ids: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
     rows = torch.arange(b, device=device)  # original index of each row still in the batch
-    cache, logits = _prefill(model, prompts, pad_id, attention_mask)
+    cache, logits = _prefill(model, prompts, pad_id, attention_mask, prompt_cache)
     next_pos = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         alive = rows.tolist()
@@ -138,12 +141,15 @@ def _decode(model, prompts: list[list[int]], pad_id: int, eos_ids: set[int], *, 
     return out_ids, done
 
 
-def _prefill(model, prompts: list[list[int]], pad_id: int, attention_mask: torch.Tensor):
+def _prefill(model, prompts: list[list[int]], pad_id: int, attention_mask: torch.Tensor,
+             known: dict | None = None):
     """Run the left-padded prompts through the model: (KV cache, last-position logits (b, V)).
 
     A group repeats its prompt G times; each distinct prompt is encoded once (batch 1) and its keys/values are
-    copied into the rows that use it, so the prompt is computed once per group, not G times. Models whose cache
-    is not a stack of plain full-attention layers, and batches without repeats, take one batched forward.
+    copied into the rows that use it, so the prompt is computed once per group, not G times. With `known`
+    (prompt tuple -> per-layer (keys, values), see `generate`'s prompt_cache), a prompt starts from the longest
+    prefix it shares with a kept one and its keys/values are kept in turn. Models whose cache is not a stack of
+    plain full-attention layers, and batches without repeats or `known`, take one batched forward.
     """
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -154,14 +160,21 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, attention_mask: torch
     for i, p in enumerate(prompts):
         rows_of.setdefault(tuple(p), []).append(i)
     cache = DynamicCache(config=model.config)
-    if len(rows_of) < b and all(type(layer) is DynamicLayer for layer in cache.layers):
+    if (len(rows_of) < b or known is not None) and all(type(layer) is DynamicLayer for layer in cache.layers):
         keys = values = logits = None
         for prompt, rows in rows_of.items():
             n = len(prompt)
-            out = model(input_ids=torch.tensor([prompt], device=device), attention_mask=torch.ones(1, n, device=device,
-                        dtype=torch.long), position_ids=torch.arange(n, device=device)[None], use_cache=True,
+            start, kept = _longest_known_prefix(known or {}, prompt)
+            one = DynamicCache(config=model.config)
+            for index, (k, v) in enumerate(kept):  # read-only: the first update stores, later ones concatenate
+                one.update(k[:, :, :start], v[:, :, :start], index)
+            out = model(input_ids=torch.tensor([prompt[start:]], device=device),
+                        attention_mask=torch.ones(1, n, device=device, dtype=torch.long),
+                        position_ids=torch.arange(start, n, device=device)[None], cache=one, use_cache=True,
                         logits_to_keep=1)
             layers = out.cache.layers
+            if known is not None:
+                known[prompt] = [(layer.keys, layer.values) for layer in layers]
             if keys is None:  # (b, heads, P, head_dim); left padding stays zero: the attention mask hides it
                 keys = [layer.keys.new_zeros(b, layer.keys.shape[1], P, layer.keys.shape[3]) for layer in layers]
                 values = [layer.values.new_zeros(b, layer.values.shape[1], P, layer.values.shape[3])
@@ -181,6 +194,20 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, attention_mask: torch
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask, position_ids=position_ids,
                    cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1, :]
     return cache, logits
+
+
+def _longest_known_prefix(known: dict, prompt: tuple[int, ...]) -> tuple[int, list]:
+    """(length, per-layer keys/values) of the longest start `prompt` shares with a kept prompt; at least its
+    last token is left to run, which gives the logits that predict the first new token."""
+    best, best_kv = 0, []
+    for other, kv in known.items():
+        n = 0
+        limit = min(len(other), len(prompt) - 1)
+        while n < limit and other[n] == prompt[n]:
+            n += 1
+        if n > best:
+            best, best_kv = n, kv
+    return best, best_kv
 
 
 def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bool,

@@ -93,6 +93,27 @@ def test_repeated_prompts_are_encoded_once_with_the_same_result(monkeypatch):
     assert ids_shared == [hf_greedy(model, p, 8, tok.eos_token_id) for p in prompts]
 
 
+def test_prompt_cache_runs_only_the_new_tokens_of_a_longer_prompt(monkeypatch):
+    """The reflector's second field extends its first prompt: with a prompt cache only the new tokens run, and
+    the completions equal those computed from scratch."""
+    model, tok = tiny()
+    first = [tok(t)["input_ids"] for t in ["Reflect on 12 + 7 = 19. STRATEGY:", "x y z. STRATEGY:"]]
+    second = [p + tok(" add the ones first. LESSON:")["input_ids"] for p in first]
+    options = dict(max_new_tokens=6, temperature=1.0, top_p=1.0, greedy=True, batch_size=8)
+    plain = [generate(model, tok, prompts, **options)[0] for prompts in (first, second)]
+    kept = {}
+    cached = [generate(model, tok, first, prompt_cache=kept, **options)[0]]
+    prefills = []
+    real_forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda **kw: (kw["input_ids"].shape[1] > 1 and prefills.append(
+        tuple(kw["input_ids"].shape))) or real_forward(**kw))
+    cached.append(generate(model, tok, second, prompt_cache=kept, **options)[0])
+    assert cached == plain
+    assert set(kept) == {tuple(p) for p in first + second}
+    # the second call ran, per prompt, only the tokens its first prompt did not have
+    assert prefills == [(1, len(b) - len(a)) for a, b in zip(first, second)]
+
+
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 4000
