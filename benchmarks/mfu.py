@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--sizes", default="2048,3072,4096", help="square matmul sizes for the peaks")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--attn", default="sdpa,eager",
+                    help="attention kernels to time (transformers attn_implementation), comma-separated; "
+                         "pmd trains with eager on CPU (attn_implementation=auto)")
     ap.add_argument("--quick", action="store_true", help="tiny-random, B=2, T=32, matmuls 512/1024, 2 rounds")
     args = ap.parse_args()
     if args.quick:
@@ -92,8 +95,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.bfloat16)
-    model = prepare_for_training(model, Config())
+    kernels = [k for k in args.attn.split(",") if k]
+    models = {}
+    for kernel in kernels:
+        torch.manual_seed(0)  # the same LoRA initialisation for every kernel
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.bfloat16, attn_implementation=kernel)
+        models[kernel] = prepare_for_training(model, Config())
     B, T = args.batch, args.seq_len
     ids = torch.randint(16, len(tokenizer), (B, T))
     mask = torch.ones_like(ids)
@@ -103,14 +110,14 @@ def main() -> None:
     def autocast():
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    def train_step():
+    def train_step(model):
         with autocast():
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    def forward_only():
+    def forward_only(model):
         with torch.no_grad(), autocast():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
 
@@ -119,32 +126,40 @@ def main() -> None:
     print(f"N_frozen {parts['n_frozen'] / 1e6:.1f} M, N_lora {parts['n_lora'] / 1e6:.2f} M; FLOPs per train step "
           f"{train_flops / 1e9:.1f} G (attention {3 * parts['attention_fwd'] / train_flops:.1%}), "
           f"per forward {fwd_flops / 1e9:.1f} G", flush=True)
-    train_step(), forward_only()  # warm-up
-    runs: dict[str, list[float]] = {"bf16": [], "fp32": [], "train": [], "forward": []}
+    for model in models.values():  # warm-up
+        train_step(model), forward_only(model)
+    runs: dict[str, list[float]] = {"bf16": [], "fp32": []}
     for r in range(args.rounds):
         runs["bf16"].append(max(matmul_gflops(n, torch.bfloat16) for n in sizes))
         runs["fp32"].append(max(matmul_gflops(n, torch.float32) for n in sizes))
-        runs["train"].append(train_flops / seconds(train_step) / 1e9)
-        runs["forward"].append(fwd_flops / seconds(forward_only) / 1e9)
+        for kernel, model in models.items():
+            runs.setdefault(f"train {kernel}", []).append(train_flops / seconds(lambda: train_step(model)) / 1e9)
+            runs.setdefault(f"forward {kernel}", []).append(fwd_flops / seconds(lambda: forward_only(model)) / 1e9)
         print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} GFLOP/s" for k, v in runs.items())
               + f", load {os.getloadavg()[0]:.1f}", flush=True)
 
     best = {k: max(v) for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in runs.items()}
+    labels = [("bf16", "peak bf16 matmul"), ("fp32", "peak fp32 matmul")]
+    for kernel in kernels:
+        labels += [(f"train {kernel}", f"LoRA train step (fwd+bwd), {kernel} attention"),
+                   (f"forward {kernel}", f"forward only (no_grad), {kernel} attention")]
     print()
     print("| GFLOP/s | best of rounds | median of rounds |")
     print("|---|---|---|")
-    for key, label in (("bf16", "peak bf16 matmul"), ("fp32", "peak fp32 matmul"),
-                       ("train", "LoRA train step (fwd+bwd)"), ("forward", "forward only (no_grad)")):
+    for key, label in labels:
         print(f"| {label} | {best[key]:.1f} | {med[key]:.1f} |")
     print()
     print("| utilisation of the bf16 peak | best / best | median / median | paired (median of per-round ratios) |")
     print("|---|---|---|---|")
-    for key, label in (("train", "**MFU, LoRA train step**"), ("forward", "forward only")):
+    for key, label in labels[2:]:
         paired = statistics.median(a / p for a, p in zip(runs[key], runs["bf16"]))
+        label = f"**MFU, {label}**" if key.startswith("train") else label
         print(f"| {label} | {best[key] / best['bf16']:.1%} | {med[key] / med['bf16']:.1%} | {paired:.1%} |")
-    print(f"\ntrain step {train_flops / best['train'] / 1e9:.3f} s best, {train_flops / med['train'] / 1e9:.3f} s "
-          f"median; forward {fwd_flops / best['forward'] / 1e9:.3f} s best; target MFU >= 40%")
+    for kernel in kernels:
+        key = f"train {kernel}"
+        print(f"\ntrain step, {kernel}: {train_flops / best[key] / 1e9:.3f} s best, "
+              f"{train_flops / med[key] / 1e9:.3f} s median; target MFU >= 40%")
 
 
 if __name__ == "__main__":

@@ -448,13 +448,16 @@ def resolve_model(spec: str) -> str:
     raise ValueError(_unknown_name_message(spec))
 
 
-def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.bfloat16):
-    """Load (model, tokenizer) ready for generation and training: eval mode, left padding."""
+def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.bfloat16, attn_implementation: str | None = None):
+    """Load (model, tokenizer) ready for generation and training: eval mode, left padding.
+
+    `attn_implementation`: transformers' attention kernel (None: its default, sdpa where available)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     model.config.use_cache = True
     model.eval()  # dropout off: teacher and student passes must see the same network
     tokenizer.padding_side = "left"  # generation appends on the right

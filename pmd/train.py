@@ -71,8 +71,9 @@ class Trainer:
         self.train_problems = self.task.problems("train", cfg.train_problems)
         self.eval_problems = self.task.problems("eval", cfg.eval_problems) if cfg.eval_problems else []
 
-        self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.bfloat16
-                                                              if cfg.dtype == "bfloat16" else torch.float32)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            cfg.model, dtype=torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
+            attn_implementation=self.attention_kernel())
         self.model = self.model.to(self.device)
         self.sampler = SamplingCopy(self.model)  # rollouts and evaluation sample from it
         # freeze=reflector: reflections come from the initial weights, kept in a copy that is never synced
@@ -130,7 +131,7 @@ class Trainer:
             return OpenAIReflector(where, name, **options)
         if kind == "local":
             model, tokenizer = load_model_and_tokenizer(where, dtype=torch.bfloat16 if cfg.dtype == "bfloat16"
-                                                        else torch.float32)
+                                                        else torch.float32, attn_implementation=self.attention_kernel())
             model = model.to(self.device).eval()
             return LocalReflector(lambda: model, tokenizer, batch_size=cfg.generation_batch_size, **options)
         source = self.initial if self.initial is not None else self.sampler  # the current policy by default
@@ -138,6 +139,11 @@ class Trainer:
                               **options)
 
     # ------------------------------------------------------------------------------------------------ data
+    def attention_kernel(self) -> str:
+        if self.cfg.attn_implementation != "auto":
+            return self.cfg.attn_implementation
+        return "eager" if torch.device(self.device).type == "cpu" else "sdpa"
+
     def problems_for_step(self, step: int) -> list[Problem]:
         """Problems of step `step` (1-based): consecutive slices of per-epoch permutations of the pool."""
         n, P = len(self.train_problems), self.cfg.problems_per_step
