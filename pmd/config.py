@@ -46,7 +46,7 @@ class Config:
                     "and optimizer state stay float32 (pure-bf16 AdamW would round small updates away).")
     attn_implementation: str = _f(
         "auto", "Attention kernel (transformers' attn_implementation): auto = eager on CPU, where it trains "
-                "~15% faster than sdpa at short sequences (benchmarks/mfu.py), sdpa on GPU; or sdpa, eager, "
+                "~10% faster than sdpa at short sequences (benchmarks/mfu.py), sdpa on GPU; or sdpa, eager, "
                 "flash_attention_2, ...")
     finetune: Literal["lora", "full"] = _f("lora", "LoRA adapters (PEFT) or full fine-tuning.")
     lora_r: int = _f(16, "LoRA rank.")
