@@ -139,11 +139,6 @@ class Trainer:
                               **options)
 
     # ------------------------------------------------------------------------------------------------ data
-    def attention_kernel(self) -> str:
-        if self.cfg.attn_implementation != "auto":
-            return self.cfg.attn_implementation
-        return "eager" if torch.device(self.device).type == "cpu" else "sdpa"
-
     def problems_for_step(self, step: int) -> list[Problem]:
         """Problems of step `step` (1-based): consecutive slices of per-epoch permutations of the pool."""
         n, P = len(self.train_problems), self.cfg.problems_per_step
@@ -435,12 +430,7 @@ class Trainer:
         mask = batch.completion_mask.float()
         R = batch.completion_len
         with timer("student_forward"), self.autocast():
-            if cfg.student_prefix_sharing:  # the G rollouts of a problem read its prompt's keys/values, with grad
-                logits = grouped_prefix_completion_logits(
-                    self.student, [prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id,
-                    cfg.temperature, device=self.device)
-            else:
-                logits = completion_logits(self.student, batch, cfg.temperature)  # (b, R, V)
+            logits = self.policy_logits(self.student, micro, prompts_B, completions_B, batch)  # (b, R, V)
             logp = losses.token_logprobs(logits, batch.completion_ids)  # (b, R)
         old = old_logps[micro, :R] if old_logps is not None else logp.detach()
         metrics: dict[str, float] = {}
@@ -501,6 +491,15 @@ class Trainer:
             self.sequence_logps[micro[j]] = (t, s)
         return distill_loss, per_token, row_mask
 
+    def policy_logits(self, forward, micro, prompts_B, completions_B, batch):
+        """Policy logits predicting the completion tokens of rows `micro`: (b, R, V). With prefix sharing the rows
+        of one problem read its prompt's keys/values, computed once (with gradients when they are enabled)."""
+        if self.cfg.student_prefix_sharing:
+            return grouped_prefix_completion_logits(
+                forward, [prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id,
+                self.cfg.temperature, device=self.device)
+        return completion_logits(forward, batch, self.cfg.temperature)
+
     @torch.no_grad()
     def sampling_logprobs(self, prompts_B, completions_B) -> torch.Tensor:
         """log pi_old(y_t) of every completion token before any update: (B, R_max)."""
@@ -510,12 +509,7 @@ class Trainer:
             batch = pack([prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id)
             batch = batch.to(self.device)
             with self.autocast():
-                if self.cfg.student_prefix_sharing:  # rows of a problem are consecutive: its prompt runs once
-                    logits = grouped_prefix_completion_logits(
-                        self.model, [prompts_B[i] for i in micro], [completions_B[i] for i in micro], self.pad_id,
-                        self.cfg.temperature, device=self.device)
-                else:
-                    logits = completion_logits(self.model, batch, self.cfg.temperature)
+                logits = self.policy_logits(self.model, micro, prompts_B, completions_B, batch)
                 out[micro, :batch.completion_len] = losses.token_logprobs(logits, batch.completion_ids).float()
         return out
 
@@ -545,6 +539,11 @@ class Trainer:
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
+    def attention_kernel(self) -> str:
+        if self.cfg.attn_implementation != "auto":
+            return self.cfg.attn_implementation
+        return "eager" if torch.device(self.device).type == "cpu" else "sdpa"
 
     def save_final(self, path: Path) -> None:
         """A plain transformers folder: LoRA merged in float32, so small updates are not rounded away."""
