@@ -230,9 +230,8 @@ def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bo
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     V = probs.shape[-1]
     # E = -log U with U uniform in [0, 1) (`exponential_` draws the same law, ~8x slower on CPU). U = 0, which a
-    # float32 draw hits once in 2**24, gives E = inf: that token drops out of this race. The other way round
-    # (E = -log(1 - U) = 0 there) would let a token of probability 1e-30 win: ~1 junk token per 110 steps
-    # at a 151k vocabulary.
+    # float32 draw hits once in 2**24, gives E = inf: that token sits this race out. (-log(1 - U) would give
+    # E = 0 there and let a token of probability 1e-30 win, once per ~110 tokens at a 151k vocabulary.)
     uniforms = torch.stack([torch.rand(V, device=probs.device, generator=g) for g in generators])
     clocks = -torch.log(uniforms)
     return (probs / clocks).argmax(-1)

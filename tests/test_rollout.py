@@ -126,10 +126,12 @@ def test_tokens_of_negligible_probability_are_never_sampled_from_a_large_vocabul
     # A float32 uniform is exactly 0 with probability 2**-24; over a 151k-token vocabulary that happens once
     # in ~110 draws. A clock E = -log1p(-U) = 0 there once made a token of probability 1e-30 win the race,
     # so about one token in a hundred was junk (a stray Thai or Cyrillic token inside generated code).
-    V, n = 151_936, 1500
-    logits = torch.full((n, V), -80.0)
+    V, n, chunk = 151_936, 1500, 100  # chunks of rows keep the peak memory small; each row has its own generator
+    logits = torch.full((chunk, V), -80.0)
     logits[:, :3] = torch.tensor([2.0, 1.0, 0.0])
-    draws = _sample(logits, 1.0, 1.0, greedy=False, generators=[torch.Generator().manual_seed(i) for i in range(n)])
+    draws = torch.cat([_sample(logits, 1.0, 1.0, greedy=False,
+                               generators=[torch.Generator().manual_seed(i) for i in range(start, start + chunk)])
+                       for start in range(0, n, chunk)])
     assert int((draws >= 3).sum()) == 0
     assert set(draws.tolist()) == {0, 1, 2}
 
