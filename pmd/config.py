@@ -57,7 +57,9 @@ class Config:
     task: str = _f("chain_sum", "Task: a reasoning-gym dataset name, or humaneval | code | mcq | math | custom, or a path to a "
                            ".jsonl file (see docs/tasks.md).")
     task_params: dict = _f({"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 3},
-                           "Task parameters (a YAML mapping, e.g. task_params='{max_digits: 2}').")
+                           "Task parameters (a YAML mapping, e.g. task_params='{max_digits: 2}'). The default "
+                           "is chain_sum's; choosing another task without task_params starts from {}, that "
+                           "task's own defaults.")
     train_problems: int = _f(1000, "Size of the training problem pool (cycled in epochs).")
     eval_problems: int = _f(50, "Number of held-out problems for evaluation (disjoint from training).")
 
@@ -288,7 +290,17 @@ def apply(cfg: Config, updates: dict[str, Any]) -> Config:
         if key not in known:
             raise _unknown_key(key)
         changes[key] = _coerce(key, value)
+    if _task_params_left_behind(cfg, changes):
+        changes["task_params"] = {}  # the default parameters are chain_sum's; the new task keeps its own
     return dataclasses.replace(cfg, **changes).validate()
+
+
+def _task_params_left_behind(cfg: Config, changes: dict[str, Any]) -> bool:
+    """True when `changes` moves to another task without giving task_params while cfg still holds the
+    default task's parameters, which would otherwise be passed to a task that does not know them."""
+    default_params = fields()["task_params"].default_factory()
+    return ("task" in changes and "task_params" not in changes and changes["task"] != cfg.task
+            and cfg.task_params == default_params)
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -12,6 +12,18 @@ def test_defaults_match_the_default_task():
     assert cfg.task == tasks.DEFAULT_TASK and cfg.task_params == tasks.DEFAULT_TASK_PARAMS
 
 
+def test_another_task_does_not_inherit_the_default_tasks_parameters(tmp_path):
+    # chain_sum's min_terms/max_digits would be rejected by leg_counting and ignored by humaneval.
+    assert build(["task=leg_counting"]).task_params == {}
+    assert build(["task=leg_counting", "task_params={min_animals: 2}"]).task_params == {"min_animals": 2}
+    path = tmp_path / "c.yaml"
+    path.write_text("task: basic_arithmetic\n")
+    assert build([str(path), "task_params={max_terms: 3}"]).task_params == {"max_terms": 3}
+    # Parameters the user chose stay with the task they chose them for, even when it changes later.
+    assert build(["task_params={max_digits: 2}", "task=basic_arithmetic"]).task_params == {"max_digits": 2}
+    assert build(["task=chain_sum"]).task_params == tasks.DEFAULT_TASK_PARAMS
+
+
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method: grpo\nsteps: 7\ntask_params: {max_digits: 2}\n")
