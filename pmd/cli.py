@@ -167,7 +167,7 @@ def _compare(args, rest: list[str]) -> None:
     if overrides and is_folder:
         raise ConfigError("a grid folder keeps its shared config; to change keys start a new grid (--out)")
     grid = compare.make_grid({**grid.config, **overrides}, args.arms or grid.arms, args.seeds or grid.seeds,
-                             grid.description)
+                             grid.description, custom_arms=grid.custom_arms)
     out = Path(args.out) if args.out else Path(args.grid) if is_folder else Path("grids") / Path(args.grid).stem
     if args.table_only:
         md, _ = compare.write_results(out)

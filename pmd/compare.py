@@ -11,6 +11,7 @@ A grid folder holds:
 
 Every arm shares the grid's config (model, task, steps, problems per step, group size, evaluation points and
 held-out set), and changes only the keys of its method: the rollout budget is equal by construction.
+A grid file may define its own arms next to the built-in ones (`- NAME: {key: value, ...}` in `arms`).
 Running the same command again resumes: finished runs are skipped, a half-finished run resumes from its last
 checkpoint (`pmd train` on an existing run folder).
 """
@@ -21,6 +22,7 @@ import csv
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,21 +82,25 @@ class Grid:
     seeds: list[int]
     description: str = ""
     jobs: int = 1
+    custom_arms: dict[str, dict] = field(default_factory=dict)  # arms the grid file defines: name -> keys
+
+    def arm_keys(self, arm: str) -> dict:
+        return self.custom_arms[arm] if arm in self.custom_arms else ARMS[arm]
 
     def run_name(self, arm: str, seed: int) -> str:
         return f"{arm}-s{seed}"
 
     def run_config(self, arm: str, seed: int, folder: Path) -> config_mod.Config:
         """The full, validated config of one run."""
-        keys = {**self.config, **ARMS[arm], "seed": seed,
+        keys = {**self.config, **self.arm_keys(arm), "seed": seed,
                 "output_dir": str(folder / "runs" / self.run_name(arm, seed))}
         if not keys.get("threads"):  # share the cores between the runs that go at once
             keys["threads"] = max(1, (os.cpu_count() or 1) // max(1, self.jobs))
         return config_mod.apply(config_mod.Config(), keys)
 
     def to_dict(self) -> dict:
-        return {"description": self.description, "arms": self.arms, "seeds": self.seeds,
-                "config": self.config}
+        arms = [{a: self.custom_arms[a]} if a in self.custom_arms else a for a in self.arms]
+        return {"description": self.description, "arms": arms, "seeds": self.seeds, "config": self.config}
 
 
 def list_presets() -> dict[str, str]:
@@ -129,15 +135,29 @@ def load_grid(spec: str | Path) -> Grid:
                      raw.get("seeds") or [0], raw.get("description", ""))
 
 
-def make_grid(config: dict, arms, seeds, description: str = "") -> Grid:
-    """Validate arms, seeds and the shared config keys (arm keys, seed and output_dir belong to the grid)."""
+def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dict | None = None) -> Grid:
+    """Validate arms, seeds and the shared config keys (arm keys, seed and output_dir belong to the grid).
+
+    An entry of `arms` is a built-in arm's name, the name of one of `custom_arms`, or a one-key mapping
+    `{NAME: {config keys}}` that defines a custom arm (e.g. `pmd-qwen-reflector: {method: pmd, reflector: ...}`).
+    """
     if isinstance(arms, str):
         arms = [a for a in arms.split(",") if a]
     if isinstance(seeds, (str, int)):
         seeds = [s for s in str(seeds).split(",") if s != ""]
-    bad = [a for a in arms if a not in ARMS]
+    custom = dict(custom_arms or {})
+    names = []
+    for entry in arms:
+        if isinstance(entry, dict):
+            name, keys = _custom_arm(entry)
+            custom[name] = keys
+            entry = name
+        names.append(entry)
+    arms = names
+    bad = [a for a in arms if a not in ARMS and a not in custom]
     if bad:
-        raise ConfigError(f"arms: {bad[0]!r} is not an arm; arms are {', '.join(ARMS)}")
+        raise ConfigError(f"arms: {bad[0]!r} is not an arm; arms are {', '.join([*ARMS, *custom])}, or define "
+                          f"one in the grid file as `- NAME: {{key: value, ...}}`")
     try:
         seeds = [int(s) for s in seeds]
     except (TypeError, ValueError):
@@ -146,12 +166,36 @@ def make_grid(config: dict, arms, seeds, description: str = "") -> Grid:
         raise ConfigError("a grid needs at least one arm and one seed")
     if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
         raise ConfigError("arms and seeds must not repeat")
-    owned = {"seed", "output_dir"} | {k for a in ARMS.values() for k in a}
+    custom = {a: custom[a] for a in arms if a in custom}  # only the arms this grid runs
+    owned = {"seed", "output_dir"} | {k for a in [*ARMS.values(), *custom.values()] for k in a}
     clash = sorted(set(config) & owned)
     if clash:
         raise ConfigError(f"config key(s) {', '.join(clash)} are set by each arm or seed, not by the grid")
     config_mod.apply(config_mod.Config(), config)  # validates names and values; raises naming the key
-    return Grid(dict(config), list(arms), seeds, description)
+    for name, keys in custom.items():
+        try:
+            config_mod.apply(config_mod.Config(), {**config, **keys})
+        except ConfigError as error:
+            raise ConfigError(f"arm {name!r}: {error}") from None
+    return Grid(dict(config), list(arms), seeds, description, custom_arms=custom)
+
+
+def _custom_arm(entry: dict) -> tuple[str, dict]:
+    """`{NAME: {config keys}}` from a grid file -> (NAME, keys), or a ConfigError naming what is wrong."""
+    if len(entry) != 1:
+        raise ConfigError(f"arms: {entry!r}: a custom arm is one `NAME: {{key: value, ...}}` mapping")
+    (name, keys), = entry.items()
+    name = str(name)
+    if name in ARMS:
+        raise ConfigError(f"arms: {name!r} is a built-in arm; give the custom arm another name")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or re.search(r"-s\d+$", name):
+        raise ConfigError(f"arms: {name!r}: an arm name is letters, digits, '.', '_' and '-' (names its run "
+                          f"folders NAME-sSEED, so it may not itself end in -s<digits>)")
+    if not isinstance(keys, dict) or not keys:
+        raise ConfigError(f"arms: {name!r} needs a mapping of config keys, e.g. {{method: pmd, reflector: ...}}")
+    if {"seed", "output_dir"} & set(keys):
+        raise ConfigError(f"arms: {name!r}: seed and output_dir belong to the grid, not to an arm")
+    return name, dict(keys)
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -239,7 +283,13 @@ def _write_or_check_grid(grid: Grid, folder: Path) -> None:
                           if stored.config.get(k) != grid.config.get(k))
             raise ConfigError(f"{folder} is a grid with a different shared config (keys: {', '.join(diff)}); "
                               f"resume it with `pmd compare {folder}` or choose a new --out")
+        changed = sorted(a for a in stored.custom_arms
+                         if a in grid.custom_arms and grid.custom_arms[a] != stored.custom_arms[a])
+        if changed:
+            raise ConfigError(f"{folder} defines arm {changed[0]!r} with other keys ({stored.custom_arms[changed[0]]}); "
+                              f"give the new one another name")
         # arms and seeds may grow: a grid is extended, never silently changed
+        grid.custom_arms = {**stored.custom_arms, **grid.custom_arms}
         grid.arms = stored.arms + [a for a in grid.arms if a not in stored.arms]
         grid.seeds = stored.seeds + [s for s in grid.seeds if s not in stored.seeds]
     folder.mkdir(parents=True, exist_ok=True)
@@ -297,7 +347,16 @@ def load_run(path: str | Path) -> RunResult:
     wall = sum(r.get("time/step", 0) + r.get("time/eval", 0) for r in train_rows) / 60
     if finished:
         wall = max(wall, json.loads(summary_path.read_text()).get("wall_seconds_this_session", 0) / 60)
-    return RunResult(arm_of(cfg.to_dict()), cfg.seed, Path(path), evals, diagnostics, finished, wall)
+    return RunResult(_arm_of_run(Path(path), cfg), cfg.seed, Path(path), evals, diagnostics, finished, wall)
+
+
+def _arm_of_run(path: Path, cfg: config_mod.Config) -> str:
+    """A folder named ARM-sSEED (every grid run, or a run a user named so) belongs to arm ARM; any other
+    run to the arm its config matches (`arm_of`), e.g. `pmd train`'s default `pmd-chain_sum-s0-<time>`."""
+    suffix = f"-s{cfg.seed}"
+    if path.name.endswith(suffix) and len(path.name) > len(suffix):
+        return path.name[: -len(suffix)]
+    return arm_of(cfg.to_dict())
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:

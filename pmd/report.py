@@ -8,7 +8,8 @@ The page needs no network: the plots are PNGs inlined as `data:` URIs and the st
 file can be archived next to a run, mailed, or opened on an offline machine. Everything read from a run folder
 (memory text, problem ids, config values, paths) is untrusted: it reaches the page only through `html.escape`.
 
-Runs are drawn per arm (`pmd.compare.arm_of`): seeds of one arm are averaged into one line with a band. Two runs
+Runs are drawn per arm (a folder named ARM-sSEED belongs to ARM, any other to `pmd.compare.arm_of` of its
+config): seeds of one arm are averaged into one line with a band. Two runs
 with the same arm *and* seed are different experiments, not seeds, so that arm is split by source folder.
 """
 

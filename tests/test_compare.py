@@ -89,6 +89,12 @@ def test_presets_load_and_validate():
     ({"steps": 0}, ["grpo"], [0], "steps"),
     ({}, ["grpo"], ["x"], "seeds"),
     ({}, ["grpo", "grpo"], [0], "repeat"),
+    ({}, [{"grpo": {"method": "sdpo"}}], [0], "built-in arm"),
+    ({}, [{"mine-s1": {"method": "pmd"}}], [0], "-s<digits>"),
+    ({}, [{"mine": {"method": "pmd", "stepz": 1}}], [0], "arm 'mine'.*stepz"),
+    ({}, [{"mine": {"seed": 1}}], [0], "belong to the grid"),
+    ({}, [{"mine": {}}], [0], "needs a mapping"),
+    ({"reflector": "policy"}, [{"mine": {"method": "pmd", "reflector": "local:x"}}], [0], "set by each arm"),
 ])
 def test_bad_grids_name_the_problem(config, arms, seeds, message):
     with pytest.raises(ConfigError, match=message):
@@ -109,6 +115,37 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
     grown = compare.make_grid(TINY_GRID, ["sdpo"], [1])  # arms and seeds may grow
     status = compare.run_grid(grown, tmp_path / "g", dry_run=True)
     assert {(a, s) for a, s, _ in status} == {("grpo", 0), ("grpo", 1), ("sdpo", 0), ("sdpo", 1)}
+
+
+def test_a_grid_file_defines_its_own_arms(tmp_path):
+    strong = {"method": "pmd", "reflector": "local:qwen2.5-coder-0.5b-instruct"}
+    spec = tmp_path / "mine.yaml"
+    spec.write_text(yaml.safe_dump({"arms": ["pmd", {"pmd-qwen-reflector": strong}], "seeds": [0],
+                                    "config": TINY_GRID}))
+    grid = compare.load_grid(spec)
+    assert grid.arms == ["pmd", "pmd-qwen-reflector"] and grid.custom_arms == {"pmd-qwen-reflector": strong}
+    out = tmp_path / "g"
+    status = compare.run_grid(grid, out, dry_run=True)
+    assert [(a, s) for a, s, _ in status] == [("pmd", 0), ("pmd-qwen-reflector", 0)]
+    run_cfg = yaml.safe_load((out / "configs" / "pmd-qwen-reflector-s0.yaml").read_text())
+    assert (run_cfg["method"], run_cfg["reflector"]) == ("pmd", strong["reflector"])
+    # the folder remembers the definition: resuming by name, or adding a seed, needs no grid file
+    again = compare.load_grid(out)
+    assert again.custom_arms == grid.custom_arms
+    grown = compare.make_grid(again.config, ["pmd-qwen-reflector"], [1], custom_arms=again.custom_arms)
+    assert ("pmd-qwen-reflector", 1) in {(a, s) for a, s, _ in compare.run_grid(grown, out, dry_run=True)}
+    redefined = compare.make_grid(TINY_GRID, [{"pmd-qwen-reflector": {"method": "pmd"}}], [0])
+    with pytest.raises(ConfigError, match="pmd-qwen-reflector.*another name"):
+        compare.run_grid(redefined, out, dry_run=True)
+
+
+def test_a_run_belongs_to_the_arm_its_folder_names(tmp_path):
+    from pmd.config import Config
+
+    cfg = Config(method="pmd", seed=2)
+    assert compare._arm_of_run(tmp_path / "pmd-qwen-reflector-s2", cfg) == "pmd-qwen-reflector"
+    assert compare._arm_of_run(tmp_path / "pmd-chain_sum-s2-20261125-0400", cfg) == "pmd"  # pmd train's name
+    assert compare._arm_of_run(tmp_path / "anything-s1", cfg) == "pmd"  # another seed's suffix: not a name
 
 
 # ------------------------------------------------------------------------------------------------ end to end
