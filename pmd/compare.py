@@ -217,7 +217,8 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
             name = grid.run_name(arm, seed)
             cfg = grid.run_config(arm, seed, folder)
             config_path = folder / "configs" / f"{name}.yaml"
-            config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if not dry_run:  # a dry run with another --jobs must not change the threads of the real one
+                config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             if run_done(Path(cfg.output_dir)):
                 status.append((arm, seed, "done"))
             else:

@@ -127,8 +127,9 @@ def test_a_grid_file_defines_its_own_arms(tmp_path):
     out = tmp_path / "g"
     status = compare.run_grid(grid, out, dry_run=True)
     assert [(a, s) for a, s, _ in status] == [("pmd", 0), ("pmd-qwen-reflector", 0)]
-    run_cfg = yaml.safe_load((out / "configs" / "pmd-qwen-reflector-s0.yaml").read_text())
-    assert (run_cfg["method"], run_cfg["reflector"]) == ("pmd", strong["reflector"])
+    assert not (out / "configs" / "pmd-qwen-reflector-s0.yaml").exists()  # a dry run writes no run config
+    run_cfg = grid.run_config("pmd-qwen-reflector", 0, out)
+    assert (run_cfg.method, run_cfg.reflector, run_cfg.seed) == ("pmd", strong["reflector"], 0)
     # the folder remembers the definition: resuming by name, or adding a seed, needs no grid file
     again = compare.load_grid(out)
     assert again.custom_arms == grid.custom_arms
