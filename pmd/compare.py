@@ -466,10 +466,34 @@ def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | No
             f"{_num(r['reflect_parse_fail_rate'])} | {_num(r['minutes_per_run'], 1)} |")
     if not rows:
         lines.append("| (no finished runs yet) |" + " |" * 13)
+    lines += per_seed_markdown(results, [r["arm"] for r in rows])
     if unfinished:
         lines += ["", "Not finished yet (not in the table): " +
                   ", ".join(f"{r.arm}-s{r.seed}" for r in unfinished)]
     return "\n".join(lines) + "\n"
+
+
+def per_seed_markdown(results: list[RunResult], arms: list[str]) -> list[str]:
+    """Lines of a table with one cell per arm and seed: held-out mean@k before -> after, and greedy after."""
+    done = {(r.arm, r.seed): r for r in results if r.finished and r.final}
+    seeds = sorted({seed for _, seed in done})
+    if not seeds:
+        return []
+    lines = ["", "Per seed: held-out mean@k before → after (greedy after), %.", "",
+             "| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (len(seeds) + 1)]
+    for arm in arms:
+        cells = []
+        for seed in seeds:
+            run = done.get((arm, seed))
+            if run is None:
+                cells.append("–")
+                continue
+            before = run.before.get("eval_accuracy")
+            start = f"{_pct(before)} → " if before is not None else ""
+            cells.append(f"{start}{_pct(run.final['eval_accuracy'])} "
+                         f"({_pct(run.final.get('eval_accuracy_greedy'))})")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _say(msg: str) -> None:

@@ -39,6 +39,16 @@ def _result(arm, seed, final, before=0.1, finished=True, **diag):
     return compare.RunResult(arm, seed, Path("."), evals, diag, finished, 1.0)
 
 
+def test_results_table_lists_every_seed_of_every_arm():
+    results = [_result("grpo", 0, 0.20, before=0.10), _result("grpo", 1, 0.30, before=0.12),
+               _result("pmd", 1, 0.40, before=0.12), _result("pmd", 0, 0.9, finished=False)]
+    table = compare.results_markdown(compare.summarize(results), results)
+    assert "| arm | seed 0 | seed 1 |" in table
+    assert "| grpo | 10.0 → 20.0 (10.0) | 12.0 → 30.0 (15.0) |" in table
+    assert "| pmd | – | 12.0 → 40.0 (20.0) |" in table  # an unfinished run has no cell
+    assert compare.per_seed_markdown([], []) == []
+
+
 def test_summarize_pairs_by_seed_and_skips_unfinished():
     results = [_result("sdpo", 0, 0.20), _result("sdpo", 1, 0.30), _result("sdpo", 2, 0.50),
                _result("pmd", 0, 0.25, teacher_prefers_pass=0.6), _result("pmd", 1, 0.40),
