@@ -6,6 +6,7 @@ A grid folder holds:
     configs/ARM-sS.yaml  each run's full config (what `pmd train` is given)
     runs/ARM-sS/       each run's ordinary run folder (metrics, rollouts, memory, checkpoints, report)
     logs/ARM-sS.log    each run's console output
+    base_eval/         the initial model's held-out evaluation, shared by the arms of a seed (pmd/base_eval.py)
     results.md/.csv    the table: final held-out accuracy per arm, mean and 95% CI over seeds, and the
                        difference to SDPO and to GRPO paired by seed
 
@@ -94,6 +95,8 @@ class Grid:
         """The full, validated config of one run."""
         keys = {**self.config, **self.arm_keys(arm), "seed": seed,
                 "output_dir": str(folder / "runs" / self.run_name(arm, seed))}
+        if "base_eval_cache" not in self.config:  # the arms of a seed share their step-0 evaluation
+            keys["base_eval_cache"] = str(folder / "base_eval")
         if not keys.get("threads"):  # share the cores between the runs that go at once
             keys["threads"] = max(1, (os.cpu_count() or 1) // max(1, self.jobs))
         return config_mod.apply(config_mod.Config(), keys)

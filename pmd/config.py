@@ -160,6 +160,10 @@ class Config:
     eval_samples: int = _f(4, "Sampled completions per held-out problem for mean@k accuracy (0 = greedy only).")
     eval_temperature: float = _f(0.6, "Sampling temperature for mean@k.")
     eval_top_p: float = _f(0.95, "Nucleus for mean@k.")
+    base_eval_cache: str = _f("", "Folder where the held-out evaluation of the initial model (step 0) is stored "
+                                  "and reused by runs that would compute the same numbers: every key but the "
+                                  "method, memory and optimisation ones must match (pmd/base_eval.py). `pmd "
+                                  "compare` sets GRID/base_eval. Empty: always evaluate.")
 
     # ---------------------------------------------------------------- run folder
     save_every: int = _f(5, "Checkpoint every N steps (and at the end).")

@@ -35,7 +35,7 @@ from pmd.memory import MEMORY_FILENAME, MemoryStore
 
 # Keys that may change when resuming: they do not alter the training trajectory.
 RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "keep_checkpoints", "threads", "output_dir",
-                     "eval_samples", "eval_problems"}
+                     "eval_samples", "eval_problems", "base_eval_cache"}
 
 
 class RunDir:

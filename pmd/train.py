@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pmd import losses
+from pmd import base_eval, losses
 from pmd.config import Config, ConfigError
 from pmd.distributed import Processes, check_processes
 from pmd.evaluate import encode_chat, evaluate, verify_all
@@ -592,7 +592,7 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
         + (f"  |  {procs.world} processes" if procs.world > 1 else ""))
 
     if start == 1 and cfg.eval_problems:
-        before = trainer.evaluate(0)
+        before = _evaluate_initial(trainer, procs)
         if main:
             run.append("metrics.jsonl", [{"step": 0, **before}])
         say(f"held-out accuracy before training: {_fmt_eval(before)}")
@@ -739,6 +739,20 @@ def _split(items: list, n: int) -> list[list]:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _evaluate_initial(trainer: Trainer, procs: Processes) -> dict:
+    """The step-0 evaluation, read from `base_eval_cache` when a run with the same key stored it."""
+    cfg = trainer.cfg
+    with_memory = cfg.method == "pmd" and (cfg.eval_with_memory or cfg.freeze == "policy")
+    path = None if with_memory else base_eval.cache_path(cfg.to_dict(), procs.world)  # eval_memory_* differ
+    cached = procs.broadcast(base_eval.load(path) if procs.is_main else None)
+    if cached is not None:
+        return {**cached, "eval_cached": True}
+    before = trainer.evaluate(0)
+    if procs.is_main:
+        base_eval.store(path, cfg.to_dict(), before)
+    return before
 
 
 def _eval_fields(result: dict) -> dict:

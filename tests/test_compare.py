@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,12 @@ def test_tiny_grid_end_to_end_with_report(tmp_path, capsys):
     assert rows[0].startswith("arm,seeds,rollouts,accuracy") and len(rows) == 3
     run_cfg = yaml.safe_load((out / "runs" / "sdpo-s1" / "config.yaml").read_text())
     assert (run_cfg["method"], run_cfg["seed"], run_cfg["steps"]) == ("sdpo", 1, 2)
+    # each seed's initial evaluation ran once, in the grpo run that started first; sdpo read it
+    assert len(list((out / "base_eval").glob("*.json"))) == 2
+    first_rows = {run.name: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+                  for run in (out / "runs").iterdir()}
+    assert {name for name, row in first_rows.items() if row.get("eval_cached")} == {"sdpo-s0", "sdpo-s1"}
+    assert first_rows["sdpo-s1"]["eval_accuracy"] == first_rows["grpo-s1"]["eval_accuracy"]
     html = (out / "report.html").read_text()
     assert "grpo" in html and "sdpo" in html and "data:image/png;base64," in html
 
