@@ -5,8 +5,9 @@ held-out problems with the same seeds, so its step-0 evaluation is the same numb
 on preset (b) that is 10 of each run's 35 minutes. With `base_eval_cache=FOLDER` (`pmd compare` sets
 GRID/base_eval) the first run stores it under a key of everything that can change it, and later runs read it.
 
-The key is the whole config minus the keys listed in TRAINING_ONLY, plus the library versions and the number
-of processes (which changes how evaluation batches are formed). A key not listed there is part of the key, so
+The key is the whole config minus the keys listed in TRAINING_ONLY, plus the library versions, the device
+(`attn_implementation=auto` picks another kernel on a GPU) and the number of processes (which changes how
+evaluation batches are formed). A key not listed there is part of the key, so
 a new config field can only cause a miss, never a wrong hit. Delete the folder to recompute.
 """
 
@@ -45,6 +46,7 @@ def cache_key(config: dict, world: int) -> str:
     kept = {k: v for k, v in sorted(config.items()) if k not in TRAINING_ONLY}
     kept["_versions"] = [pmd.__version__, torch.__version__, transformers.__version__]
     kept["_processes"] = world
+    kept["_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"  # kernels differ
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
