@@ -595,7 +595,8 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
         before = _evaluate_initial(trainer, procs)
         if main:
             run.append("metrics.jsonl", [{"step": 0, **before}])
-        say(f"held-out accuracy before training: {_fmt_eval(before)}")
+        say(f"held-out accuracy before training: {_fmt_eval(before)}"
+            + ("  (computed by another run: base_eval_cache)" if before.get("eval_cached") else ""))
 
     bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc="train", unit="step",
                disable=not main)
