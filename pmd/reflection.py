@@ -258,10 +258,14 @@ def _finish(report: ParseReport, kept: int, rejected: int) -> None:
 # ---------------------------------------------------------------------------------------------- prompts
 def copied_from(entry: str, prompt: str, near: float = 0.8) -> bool:
     """Whether a parsed entry repeats its reflection prompt instead of saying something new: it appears in the
-    prompt verbatim (after normalisation), or nearly equals one prompt line (difflib ratio >= `near`), as when a
-    small model rewrites a format placeholder ("what to do next" for "what to do instead")."""
+    prompt verbatim (after normalisation), nearly equals one prompt line (difflib ratio >= `near`), as when a
+    small model rewrites a format placeholder ("what to do next" for "what to do instead"), or contains a
+    phrase of the prompts' instructions ("1. A step the correct attempts took that worked; 2. ...")."""
     key = normalize_text(entry)
     if not key or key in normalize_text(prompt):
+        return True
+    words = " " + " ".join(re.findall(r"[a-z0-9]+", key)) + " "
+    if any(f" {phrase} " in words for phrase in _INSTRUCTION_PHRASES):
         return True
     matcher = difflib.SequenceMatcher(b=key, autojunk=False)
     for line in prompt.splitlines():
@@ -287,6 +291,43 @@ def cut_attempt(text: str, max_chars: int) -> str:
     return text[:head] + marker + (text[-tail:] if tail > 0 else "")
 
 
+INSIGHT_INSTRUCTIONS = (
+    "STRATEGY: a step the correct attempts took that worked.",
+    "LESSON: a mistake the wrong attempts made, and what to do instead.",
+    "Rules:",
+    "- One line each, starting with STRATEGY: or LESSON:",
+    "- Each line is one short instruction; someone reading a solution can check if it was followed.",
+    "- Do not give the final answer.",
+    "- If advice written so far is still right, you may repeat that line exactly.",
+    "Write only these lines.",
+)
+BEHAVIOR_INSTRUCTIONS = (
+    "Find the one general habit these notes share. Write exactly two lines:",
+    "BEHAVIOR: <short name>: <one instruction saying what to do>",
+    "WHEN: <the kind of problem where it applies>",
+    "Rules:",
+    "- The name has at most 5 words.",
+    "- The instruction is one sentence someone could check.",
+    "- Do not use numbers, names or answers from a specific problem.",
+)
+
+
+def _instruction_phrases(lines: Iterable[str], min_words: int = 5) -> tuple[str, ...]:
+    """The clauses of the instruction lines (split at , ; . : < >) that have at least `min_words` words,
+    as lowercase words joined by single spaces. Shorter clauses ("one line each") are common English."""
+    phrases = []
+    for line in lines:
+        for clause in re.split(r"[,;.:<>]", line.lower()):
+            words = re.findall(r"[a-z0-9]+", clause)
+            if len(words) >= min_words:
+                phrases.append(" ".join(words))
+    return tuple(dict.fromkeys(phrases))
+
+
+# A parsed entry containing one of these echoes its instructions (`copied_from`)
+_INSTRUCTION_PHRASES = _instruction_phrases(INSIGHT_INSTRUCTIONS + BEHAVIOR_INSTRUCTIONS)
+
+
 def insight_prompt(problem_text: str, passing_attempts: Sequence[str],
                    failing_attempts_with_feedback: Sequence[tuple[str, str]],
                    current_entries: Iterable[tuple[str, str]] = (), *, max_attempt_chars: int = 1500,
@@ -307,17 +348,8 @@ def insight_prompt(problem_text: str, passing_attempts: Sequence[str],
     current = [f"{kind.upper()}: {text}" for kind, text in current_entries]
     if current:
         parts += ["Advice written so far:", *current, ""]
-    parts += [
-        f"Write at most {max_items} STRATEGY lines and at most {max_items} LESSON lines.",
-        "STRATEGY: a step the correct attempts took that worked.",
-        "LESSON: a mistake the wrong attempts made, and what to do instead.",
-        "Rules:",
-        "- One line each, starting with STRATEGY: or LESSON:",
-        "- Each line is one short instruction; someone reading a solution can check if it was followed.",
-        "- Do not give the final answer.",
-        "- If advice written so far is still right, you may repeat that line exactly.",
-        "Write only these lines.",
-    ]
+    parts += [f"Write at most {max_items} STRATEGY lines and at most {max_items} LESSON lines.",
+              *INSIGHT_INSTRUCTIONS]
     return "\n".join(parts)
 
 
@@ -328,11 +360,5 @@ def behavior_prompt(member_texts: Sequence[str], *, max_members: int = 8, max_me
     return "\n".join([
         "Each note below is advice written for a different problem.",
         "", "Notes:", *notes, "",
-        "Find the one general habit these notes share. Write exactly two lines:",
-        "BEHAVIOR: <short name>: <one instruction saying what to do>",
-        "WHEN: <the kind of problem where it applies>",
-        "Rules:",
-        "- The name has at most 5 words.",
-        "- The instruction is one sentence someone could check.",
-        "- Do not use numbers, names or answers from a specific problem.",
+        *BEHAVIOR_INSTRUCTIONS,
     ])

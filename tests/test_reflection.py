@@ -235,3 +235,18 @@ def test_copies_of_the_prompt_are_recognised_verbatim_or_nearly():
     # real advice is kept, even when it shares words with the prompt
     assert not copied_from("Add the tens first, then the ones, and check the sum.", prompt)
     assert not copied_from("Write the final answer after 'Answer:' on its own line.", prompt)
+
+
+def test_entries_that_echo_the_instructions_inside_other_text_are_copies():
+    # insights SmolLM2-135M wrote in the preset (a) grid (pmd-s0, pmd-s1): placeholders in a list of their own
+    echoes = ["1. A step the correct attempts took that worked; 2. A mistake went wrong; 3. The answer is right.",
+              "A step the correct attempts took that worked; correct attempt 1; correct attempt 2;",
+              "a mistake the wrong attempts made; take a different approach to avoid continuity; improve;",
+              "Habit: the instruction is one sentence someone could check, always."]
+    for echo in echoes:
+        assert copied_from(echo, ""), echo
+    # every other insight of those runs, and advice that shares a few words with the instructions, is kept
+    for advice in ["Add the ones first, then the tens; a mistake here changes the answer.",
+                   "Do not use numbers from the wrong attempts.", "Check each step the attempts took.",
+                   "When you see that the answer is correct, check it yourself."]:
+        assert not copied_from(advice, ""), advice
