@@ -321,7 +321,7 @@ class RunResult:
 
 
 DIAGNOSTICS = ("teacher_signal_fraction", "teacher_prefers_pass", "teacher_lift_prefers_pass",
-               "teacher_student_divergence", "reward_mean")
+               "teacher_student_divergence", "reward_mean", "completion_clipped_fraction")
 
 
 def load_run(path: str | Path) -> RunResult:
@@ -457,8 +457,8 @@ def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | No
               "Diagnostics are means over training steps.", ""]
     lines.append("| arm | seeds | rollouts | before | after (mean@k) | after (greedy) | Δ vs SDPO | Δ vs GRPO "
                  "| teacher signal | teacher prefers pass | lift prefers pass | divergence | parse fail "
-                 "| min/run |")
-    lines.append("|" + "---|" * 14)
+                 "| clipped | min/run |")
+    lines.append("|" + "---|" * 15)
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['seeds']} | {r['rollouts']} | {_pct(r['before'])} | "
@@ -466,9 +466,10 @@ def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | No
             f"{_pct(r['vs_sdpo'], r['vs_sdpo_ci'], True)} | {_pct(r['vs_grpo'], r['vs_grpo_ci'], True)} | "
             f"{_num(r['teacher_signal_fraction'])} | {_num(r['teacher_prefers_pass'])} | "
             f"{_num(r['teacher_lift_prefers_pass'])} | {_num(r['teacher_student_divergence'], 3)} | "
-            f"{_num(r['reflect_parse_fail_rate'])} | {_num(r['minutes_per_run'], 1)} |")
+            f"{_num(r['reflect_parse_fail_rate'])} | {_num(r['completion_clipped_fraction'])} | "
+            f"{_num(r['minutes_per_run'], 1)} |")
     if not rows:
-        lines.append("| (no finished runs yet) |" + " |" * 13)
+        lines.append("| (no finished runs yet) |" + " |" * 14)
     lines += per_seed_markdown(results, [r["arm"] for r in rows])
     if unfinished:
         lines += ["", "Not finished yet (not in the table): " +
