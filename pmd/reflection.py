@@ -260,9 +260,10 @@ def copied_from(entry: str, prompt: str, near: float = 0.8) -> bool:
     """Whether a parsed entry repeats its reflection prompt instead of saying something new: it appears in the
     prompt verbatim (after normalisation), nearly equals one prompt line (difflib ratio >= `near`), as when a
     small model rewrites a format placeholder ("what to do next" for "what to do instead"), or contains a
-    phrase of the prompts' instructions ("1. A step the correct attempts took that worked; 2. ...")."""
+    phrase of the prompts' instructions ("1. A step the correct attempts took that worked; 2. ..."), or holds a
+    placeholder in the prompts' own shape ("Regular exercise: <a specific activity or exercise>")."""
     key = normalize_text(entry)
-    if not key or key in normalize_text(prompt):
+    if not key or key in normalize_text(prompt) or _PLACEHOLDER.search(entry.lower()):
         return True
     words = " " + " ".join(re.findall(r"[a-z0-9]+", key)) + " "
     if any(f" {phrase} " in words for phrase in _INSTRUCTION_PHRASES):
@@ -312,7 +313,7 @@ BEHAVIOR_INSTRUCTIONS = (
 )
 
 
-def _instruction_phrases(lines: Iterable[str], min_words: int = 5) -> tuple[str, ...]:
+def _instruction_phrases(lines: Iterable[str], min_words: int = 6) -> tuple[str, ...]:
     """The clauses of the instruction lines (split at , ; . : < >) that have at least `min_words` words,
     as lowercase words joined by single spaces. Shorter clauses ("one line each") are common English."""
     phrases = []
@@ -324,6 +325,9 @@ def _instruction_phrases(lines: Iterable[str], min_words: int = 5) -> tuple[str,
     return tuple(dict.fromkeys(phrases))
 
 
+# "<short name>", "<one sentence that explains ...>": words in angle brackets, as the prompts write their slots.
+# "a < b and c > d" does not match (a space follows "<").
+_PLACEHOLDER = re.compile(r"<[a-z][a-z' ]*[a-z]>")
 # A parsed entry containing one of these echoes its instructions (`copied_from`)
 _INSTRUCTION_PHRASES = _instruction_phrases(INSIGHT_INSTRUCTIONS + BEHAVIOR_INSTRUCTIONS)
 

@@ -242,11 +242,15 @@ def test_entries_that_echo_the_instructions_inside_other_text_are_copies():
     echoes = ["1. A step the correct attempts took that worked; 2. A mistake went wrong; 3. The answer is right.",
               "A step the correct attempts took that worked; correct attempt 1; correct attempt 2;",
               "a mistake the wrong attempts made; take a different approach to avoid continuity; improve;",
-              "Habit: the instruction is one sentence someone could check, always."]
+              "Habit: the instruction is one sentence someone could check, always.",
+              # behaviors Qwen2.5-Coder-0.5B wrote as reflector in preset (a): a slot in the prompts' shape
+              "Regular exercise: <a specific activity or exercise>",
+              "Formulate your thoughts: <one sentence that explains the idea you've formulated>"]
     for echo in echoes:
         assert copied_from(echo, ""), echo
     # every other insight of those runs, and advice that shares a few words with the instructions, is kept
     for advice in ["Add the ones first, then the tens; a mistake here changes the answer.",
                    "Do not use numbers from the wrong attempts.", "Check each step the attempts took.",
-                   "When you see that the answer is correct, check it yourself."]:
+                   "When you see that the answer is correct, check it yourself.",
+                   "If a < b and c > d, subtract the smaller from the larger.", "Keep the sum <= 999 in mind."]:
         assert not copied_from(advice, ""), advice
