@@ -446,6 +446,22 @@ def _num(x: float, digits: int = 2) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.{digits}f}"
 
 
+SUMMARY_HEADERS = ("arm", "seeds", "rollouts", "before", "after (mean@k)", "after (greedy)", "Δ vs SDPO", "Δ vs GRPO",
+                   "teacher signal", "teacher prefers pass", "lift prefers pass", "divergence", "parse fail",
+                   "clipped", "min/run")
+
+
+def summary_cells(r: dict) -> list[str]:
+    """One `summarize` row as the text cells under SUMMARY_HEADERS (results.md and the HTML report)."""
+    return [str(r["arm"]), str(r["seeds"]), str(r["rollouts"]), _pct(r["before"]),
+            _pct(r["accuracy"], r["accuracy_ci"]), _pct(r["greedy"], r["greedy_ci"]),
+            _pct(r["vs_sdpo"], r["vs_sdpo_ci"], True), _pct(r["vs_grpo"], r["vs_grpo_ci"], True),
+            _num(r["teacher_signal_fraction"]), _num(r["teacher_prefers_pass"]),
+            _num(r["teacher_lift_prefers_pass"]), _num(r["teacher_student_divergence"], 3),
+            _num(r["reflect_parse_fail_rate"]), _num(r["completion_clipped_fraction"]),
+            _num(r["minutes_per_run"], 1)]
+
+
 def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | None = None) -> str:
     lines = []
     if grid is not None:
@@ -455,21 +471,11 @@ def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | No
     lines += ["Held-out accuracy (%) at the final evaluation, memory-free: mean over seeds ± 95% CI "
               "(Student t). Δ columns: the arm minus the baseline, paired by seed. "
               "Diagnostics are means over training steps.", ""]
-    lines.append("| arm | seeds | rollouts | before | after (mean@k) | after (greedy) | Δ vs SDPO | Δ vs GRPO "
-                 "| teacher signal | teacher prefers pass | lift prefers pass | divergence | parse fail "
-                 "| clipped | min/run |")
-    lines.append("|" + "---|" * 15)
-    for r in rows:
-        lines.append(
-            f"| {r['arm']} | {r['seeds']} | {r['rollouts']} | {_pct(r['before'])} | "
-            f"{_pct(r['accuracy'], r['accuracy_ci'])} | {_pct(r['greedy'], r['greedy_ci'])} | "
-            f"{_pct(r['vs_sdpo'], r['vs_sdpo_ci'], True)} | {_pct(r['vs_grpo'], r['vs_grpo_ci'], True)} | "
-            f"{_num(r['teacher_signal_fraction'])} | {_num(r['teacher_prefers_pass'])} | "
-            f"{_num(r['teacher_lift_prefers_pass'])} | {_num(r['teacher_student_divergence'], 3)} | "
-            f"{_num(r['reflect_parse_fail_rate'])} | {_num(r['completion_clipped_fraction'])} | "
-            f"{_num(r['minutes_per_run'], 1)} |")
+    lines.append("| " + " | ".join(SUMMARY_HEADERS) + " |")
+    lines.append("|" + "---|" * len(SUMMARY_HEADERS))
+    lines += ["| " + " | ".join(summary_cells(r)) + " |" for r in rows]
     if not rows:
-        lines.append("| (no finished runs yet) |" + " |" * 14)
+        lines.append("| (no finished runs yet) |" + " |" * (len(SUMMARY_HEADERS) - 1))
     lines += per_seed_markdown(results, [r["arm"] for r in rows])
     if unfinished:
         lines += ["", "Not finished yet (not in the table): " +

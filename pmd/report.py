@@ -496,16 +496,8 @@ def results_section(title: str, runs: list[Run], grid_folder: Path | None = None
     out.append("<p class=\"note\">Held-out accuracy (%) at the final evaluation, memory-free: mean over seeds "
                "± 95% CI (Student t). Δ columns: the arm minus the baseline, paired by seed. Diagnostics are "
                "means over training steps. Only finished runs count.</p>")
-    headers = ["arm", "seeds", "rollouts", "before", "after (mean@k)", "after (greedy)", "Δ vs SDPO", "Δ vs GRPO",
-               "teacher signal", "teacher prefers pass", "lift prefers pass", "divergence", "parse fail", "clipped",
-               "min/run"]
-    cells = [[e(str(r["arm"])), str(r["seeds"]), str(r["rollouts"]), compare._pct(r["before"]),
-              compare._pct(r["accuracy"], r["accuracy_ci"]), compare._pct(r["greedy"], r["greedy_ci"]),
-              compare._pct(r["vs_sdpo"], r["vs_sdpo_ci"], True), compare._pct(r["vs_grpo"], r["vs_grpo_ci"], True),
-              compare._num(r["teacher_signal_fraction"]), compare._num(r["teacher_prefers_pass"]),
-              compare._num(r["teacher_lift_prefers_pass"]), compare._num(r["teacher_student_divergence"], 3),
-              compare._num(r["reflect_parse_fail_rate"]), compare._num(r["completion_clipped_fraction"]),
-              compare._num(r["minutes_per_run"], 1)] for r in rows]
+    headers = list(compare.SUMMARY_HEADERS)
+    cells = [[e(c) for c in compare.summary_cells(r)] for r in rows]
     if cells:
         out.append(table(headers, cells, numeric=set(range(1, len(headers)))))
     else:
