@@ -134,9 +134,10 @@ def _make_step_callback(trainer, clock: PhaseClock, reward: VerifierReward, tag:
             step_seconds = now - self.last
             self.last = now
             results.append({"step": state.global_step, "seconds": step_seconds, "phases": phases,
-                            "reward_mean": reward.last_reward_mean,
-                            "completion_length_mean": reward.last_length_mean,
-                            "teacher_signal_fraction": signal_fraction(),
+                            # the quantities pmd logs, under pmd's metric names (step_time.STEP_METRICS)
+                            "train/reward_mean": reward.last_reward_mean,
+                            "train/completion_length_mean": reward.last_length_mean,
+                            "teacher/signal_fraction": signal_fraction(),
                             "threads": torch.get_num_threads()})
             kind = "warm-up" if state.global_step == 1 else "timed"
             say(tag, f"step {state.global_step}/{total_steps} ({kind}) {step_seconds:.1f}s  "

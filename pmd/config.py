@@ -56,10 +56,8 @@ class Config:
     # ---------------------------------------------------------------- task
     task: str = _f("chain_sum", "Task: a reasoning-gym dataset name, or humaneval | code | mcq | math | custom, or a path to a "
                            ".jsonl file (see docs/tasks.md).")
-    task_params: dict = _f({"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 3},
-                           "Task parameters (a YAML mapping, e.g. task_params='{max_digits: 2}'). The default "
-                           "is chain_sum's; choosing another task without task_params starts from {}, that "
-                           "task's own defaults.")
+    task_params: dict = _f({}, "Task parameters (a YAML mapping, e.g. task_params='{max_digits: 2}'). Empty (the "
+                               "default): the task's own defaults, for chain_sum pmd's (2 terms of 1-3 digits).")
     train_problems: int = _f(1000, "Size of the training problem pool (cycled in epochs).")
     eval_problems: int = _f(50, "Number of held-out problems for evaluation (disjoint from training).")
 
@@ -106,7 +104,7 @@ class Config:
                                   "successful sibling exists (SDPO: feedback only without a solution).")
     teacher_prefix_sharing: bool = _f(
         True, "Teacher forward encodes each distinct teacher prompt once and runs the completions that share it "
-              "against its cached keys/values (same logits, fewer tokens computed; PMD_METHOD.md 3.10).")
+              "against its cached keys/values (same logits, fewer tokens computed; docs/method.md §13).")
     student_prefix_sharing: bool = _f(
         True, "Student forward (with gradients) encodes each problem's prompt once for its G rollouts in a "
               "micro-batch, instead of once per rollout (same loss and gradient, fewer tokens computed).")
@@ -162,7 +160,7 @@ class Config:
     eval_top_p: float = _f(0.95, "Nucleus for mean@k.")
     base_eval_cache: str = _f("", "Folder where the held-out evaluation of the initial model (step 0) is stored "
                                   "and reused by runs that would compute the same numbers: every key but the "
-                                  "method, memory and optimisation ones must match (pmd/base_eval.py). `pmd "
+                                  "method, memory and optimisation ones must match (pmd/experiments/base_eval.py). `pmd "
                                   "compare` sets GRID/base_eval. Empty: always evaluate.")
 
     # ---------------------------------------------------------------- run folder
@@ -294,17 +292,7 @@ def apply(cfg: Config, updates: dict[str, Any]) -> Config:
         if key not in known:
             raise _unknown_key(key)
         changes[key] = _coerce(key, value)
-    if _task_params_left_behind(cfg, changes):
-        changes["task_params"] = {}  # the default parameters are chain_sum's; the new task keeps its own
     return dataclasses.replace(cfg, **changes).validate()
-
-
-def _task_params_left_behind(cfg: Config, changes: dict[str, Any]) -> bool:
-    """True when `changes` moves to another task without giving task_params while cfg still holds the
-    default task's parameters, which would otherwise be passed to a task that does not know them."""
-    default_params = fields()["task_params"].default_factory()
-    return ("task" in changes and "task_params" not in changes and changes["task"] != cfg.task
-            and cfg.task_params == default_params)
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

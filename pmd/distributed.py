@@ -71,6 +71,17 @@ class Processes:
 
         return broadcast_object_list([obj])[0]
 
+    def concat(self, *lists_b: list) -> list[list]:
+        """Each of this process's lists joined with every other process's, in rank order (the whole batch)."""
+        if self.world == 1:
+            return [list(x) for x in lists_b]
+        shares = self.gather(lists_b)
+        return [[x for share in shares for x in share[f]] for f in range(len(lists_b))]
+
+    def from_main(self, compute):
+        """`compute()` run by the main process alone, its result on every process (e.g. what needs the memory)."""
+        return self.broadcast(compute() if self.is_main else None)
+
     def sum_dicts(self, d: dict) -> dict:
         """Key-wise sums of every process's numbers (keys in first-seen order)."""
         parts = self.gather(dict(d))

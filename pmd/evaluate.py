@@ -8,20 +8,8 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from pmd import tasks as tasks_module
-from pmd.rollout import generate, sample_seed
-from pmd.tasks import Problem, Task
-
-
-def verify_all(task, problems: list[Problem], responses: list[str]) -> list:
-    """The task's batched (parallel) verifier when it has one."""
-    return tasks_module.verify_many(task, problems, responses)
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat-template a conversation and tokenize it, ready for the assistant's reply."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+from pmd.rollout import encode_chat, generate, sample_seed
+from pmd.tasks import Problem, Task, verify_many
 
 
 def evaluate(model, tokenizer, task: Task, problems: list[Problem], *, samples: int, temperature: float,
@@ -56,7 +44,7 @@ def evaluate(model, tokenizer, task: Task, problems: list[Problem], *, samples: 
                                           max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                           greedy=kind == "greedy", batch_size=batch_size, seeds=seeds)
                 texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-                out += [v.reward for v in verify_all(task, [problems[i] for i, _ in chunk], texts)]
+                out += [v.reward for v in verify_many(task, [problems[i] for i, _ in chunk], texts)]
                 bar.update(len(chunk))
             rewards[kind] = out
     if processes is not None and processes.world > 1:  # shares are consecutive: rank order is problem order

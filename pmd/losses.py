@@ -5,8 +5,10 @@ composes these pieces; the tests check them against hand-written formulas and ag
 
 Shape convention (suffixes on names, or shape comments):
 
-* ``_B`` batch of sequences, ``_T`` token positions, ``_V`` vocabulary, ``_K`` top-k support (``K+1`` with tail).
-* "``[...]``" means any leading shape, e.g. ``[B, T]``.
+* ``_T`` token positions, ``_V`` vocabulary, ``_K`` top-k support (``K+1`` with tail), ``_P``/``_G`` problems and
+  the rollouts of one problem (CONTRIBUTING.md has the whole convention).
+* ``[S, T]``: S sequences of whatever batch the caller passes (a micro-batch, usually), T positions.
+* "``[...]``" means any leading shape, e.g. ``[S, T]``.
 
 Precision: every function computes in at least float32 (bf16/fp16 inputs are upcast; float64 stays float64) and
 returns tensors in that compute dtype.
@@ -159,8 +161,8 @@ def token_logprobs(logits_V: Tensor, token_ids: Tensor) -> Tensor:
     """``log p(token)`` for one token per position: ``log_softmax(logits)`` gathered at ``token_ids``.
 
     Args:
-        logits_V: ``[..., V]`` logits, e.g. ``[B, T, V]``.
-        token_ids: ``[...]`` integer ids, e.g. ``[B, T]``.
+        logits_V: ``[..., V]`` logits, e.g. ``[S, T, V]``.
+        token_ids: ``[...]`` integer ids, e.g. ``[S, T]``.
 
     Returns:
         ``[...]`` float32 (or float64) log-probabilities, differentiable w.r.t. ``logits_V``.
@@ -370,7 +372,7 @@ def _ratio_and_advantages(logp: Tensor, old_logp: Tensor, advantages: Tensor) ->
     logp = logp.to(dtype)
     adv = advantages.detach().to(dtype)
     if adv.dim() == logp.dim() - 1:
-        adv = adv.unsqueeze(-1)  # per-sequence [B] -> [B, 1]
+        adv = adv.unsqueeze(-1)  # per-sequence [S] -> [S, 1]
     log_ratio = (logp - old_logp.detach().to(dtype)).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return log_ratio.exp(), adv
 
@@ -389,14 +391,14 @@ def grpo_token_loss(
     as constants. No KL term.
 
     Args:
-        logp: ``[B, T]`` current log-probs of the sampled tokens (differentiable).
-        old_logp: ``[B, T]`` rollout-time log-probs.
-        advantages: ``[B]`` per-sequence advantages (or already ``[B, T]``).
+        logp: ``[S, T]`` current log-probs of the sampled tokens (differentiable).
+        old_logp: ``[S, T]`` rollout-time log-probs.
+        advantages: ``[S]`` per-sequence advantages (or already ``[S, T]``).
         eps_low: lower clip range.
         eps_high: upper clip range (asymmetric, "clip-higher").
 
     Returns:
-        ``[B, T]`` per-token loss (unmasked; reduce with :func:`token_mean`).
+        ``[S, T]`` per-token loss (unmasked; reduce with :func:`token_mean`).
     """
     ratio, adv = _ratio_and_advantages(logp, old_logp, advantages)
     clipped_ratio = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
@@ -414,7 +416,7 @@ def grpo_clip_fraction(
     """Fraction of valid tokens whose surrogate is clipped (gradient zeroed) - a detached scalar metric.
 
     A token is clipped when ``A > 0`` and ``r > 1 + eps_high``, or ``A < 0`` and ``r < 1 - eps_low``.
-    Arguments as in :func:`grpo_token_loss`; ``mask`` is ``[B, T]`` 0/1 (bool or numeric). Returns 0 if the mask
+    Arguments as in :func:`grpo_token_loss`; ``mask`` is ``[S, T]`` 0/1 (bool or numeric). Returns 0 if the mask
     is empty.
     """
     with torch.no_grad():
@@ -445,7 +447,7 @@ def seq_mean_token_mean(
     """Token-mean within each sequence, then mean over sequences (SDPO aggregation).
 
     Args:
-        per_token_loss: ``[B, T]`` (or ``[..., T]``).
+        per_token_loss: ``[S, T]`` (or ``[..., T]``).
         mask: 0/1 mask broadcastable to it, normally ``response_mask * self_distillation_mask[:, None]``.
             A sequence with no valid token contributes 0 but still counts in the denominator.
         num_sequences: denominator. ``None`` uses this batch's number of sequences; pass the number of sequences
@@ -471,7 +473,7 @@ def token_mean(
     """Mean over all valid tokens (GRPO aggregation).
 
     Args:
-        per_token_loss: ``[B, T]`` (any shape).
+        per_token_loss: ``[S, T]`` (any shape).
         mask: 0/1 mask broadcastable to it.
         num_tokens: denominator. ``None`` counts this batch's valid tokens; pass the number of valid tokens of the
             whole mini-batch when splitting it into micro-batches, so that the micro-batch losses sum to the

@@ -1,4 +1,4 @@
-"""Teacher forwards that encode a shared prompt prefix once (PMD_METHOD.md §3.10).
+"""Teacher forwards that encode a shared prompt prefix once (docs/method.md §13).
 
 Under PMD every rollout of a problem is scored by the teacher under the same long prompt (the memory context),
 and only the G completions differ. Packing G copies of prefix+completion (`pmd.rollout.pack`) recomputes that

@@ -63,6 +63,17 @@ def completion_logits(forward, batch: Packed, temperature: float = 1.0) -> torch
     return logits / temperature if temperature != 1.0 else logits
 
 
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat-template a conversation and tokenize it, ready for the assistant's reply."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def rollout_id(step: int, index: int) -> str:
+    """A rollout's id in rollouts.jsonl and in memory provenance: step-index within the step."""
+    return f"{step}-{index}"
+
+
 def sample_seed(*parts) -> int:
     """A 63-bit seed for one row's random stream, from e.g. ("rollout", run seed, step, problem, sample)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

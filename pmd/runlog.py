@@ -1,7 +1,8 @@
 """The run folder: everything a person needs to understand a run, and everything a resume needs.
 
     <run>/config.yaml        the full resolved config
-    <run>/metrics.jsonl      one JSON object per step (and one for the evaluation before step 1, step 0)
+    <run>/metrics.jsonl      one JSON object per step (and one for the evaluation before step 1, step 0);
+                             read it with RunDir.metrics(): older runs' flat names come back as today's
     <run>/rollouts.jsonl     every rollout: id, step, problem, completion, reward, feedback, teacher context
     <run>/reflections.jsonl  pmd: every reflection: raw output, what was parsed from it, the entries written
     <run>/memory.sqlite      pmd: the procedural memory (SQLite, WAL); `pmd memory show|export|stats RUN`
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from pmd.config import Config, ConfigError, apply
 from pmd.memory import MEMORY_FILENAME, MemoryStore
+from pmd.metrics import upgrade
 
 # Keys that may change when resuming: they do not alter the training trajectory.
 RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "keep_checkpoints", "threads", "output_dir",
@@ -86,6 +88,10 @@ class RunDir:
             except json.JSONDecodeError:  # a line cut by a kill mid-write
                 pass
         return rows
+
+    def metrics(self) -> list[dict]:
+        """The metrics.jsonl rows with today's metric names (`pmd.metrics.upgrade`), whenever they were written."""
+        return [upgrade(row) for row in self.read("metrics.jsonl")]
 
     def truncate_after(self, step: int) -> None:
         """Drop log rows of steps after `step` (they will be redone)."""

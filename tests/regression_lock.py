@@ -32,6 +32,11 @@ METHODS = {
     "sdpo": dict(method="sdpo"),
     "pmd": dict(method="pmd", embedder="hashing", behavior_every=2, l3_min_problems=2,
                 l3_cluster_similarity=0.2),
+    # the in-context baseline (memory in the sampling prompt, no update) and a memory frozen after step 2,
+    # with each rollout's own feedback
+    "pmd-frozen-policy": dict(method="pmd", embedder="hashing", freeze="policy"),
+    "pmd-frozen-memory": dict(method="pmd", embedder="hashing", freeze="memory", freeze_memory_after=2,
+                              feedback_source="own"),
 }
 
 _RUN = """

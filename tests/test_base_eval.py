@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 
-from pmd import base_eval
 from pmd.config import Config, apply, fields
-from pmd.train import Trainer, train
-from test_train import TINY, metrics
+from pmd.experiments import base_eval
+from pmd.runlog import RunDir
+from pmd import train as train_mod
+from pmd.train import train
+from test_train import TINY
 
 
 def test_training_only_keys_are_config_keys():
@@ -31,31 +33,39 @@ def test_store_and_load_round_trip_and_a_bad_file_is_a_miss(tmp_path):
     config = {**Config().to_dict(), "base_eval_cache": str(tmp_path)}
     path = base_eval.cache_path(config, 1)
     assert base_eval.load(path) is None and base_eval.cache_path(Config().to_dict(), 1) is None
-    base_eval.store(path, config, {"eval_accuracy": 0.25})
-    assert base_eval.load(path) == {"eval_accuracy": 0.25}
+    base_eval.store(path, config, {"eval/accuracy": 0.25, "eval/n": 4})
+    assert base_eval.load(path) == {"eval/accuracy": 0.25, "eval/n": 4}
     path.write_text("{not json")
     assert base_eval.load(path) is None
+
+
+def test_fields_are_stored_and_read_with_todays_names(tmp_path):
+    path = tmp_path / "key.json"
+    base_eval.store(path, {}, {"eval_accuracy": 0.25, "eval_n": 4})  # a trainer still writing the flat names
+    assert json.loads(path.read_text())["eval"] == {"eval/accuracy": 0.25, "eval/n": 4}
+    path.write_text(json.dumps({"eval": {"eval_accuracy": 0.5, "eval_accuracy_greedy": 0.4}}))  # written before
+    assert base_eval.load(path) == {"eval/accuracy": 0.5, "eval/accuracy_greedy": 0.4}
 
 
 def test_a_second_arm_reads_the_first_arms_initial_evaluation(tmp_path, monkeypatch):
     shared = {**TINY, "steps": 1, "base_eval_cache": str(tmp_path / "base_eval")}
     first = train(apply(Config(), {**shared, "method": "grpo", "output_dir": str(tmp_path / "grpo")}))
-    assert "eval_cached" not in metrics(first)[0]
+    assert "eval/cached" not in RunDir(first).metrics()[0]
     [stored] = (tmp_path / "base_eval").glob("*.json")
     data = json.loads(stored.read_text())
-    data["eval"]["eval_accuracy"] = 0.42  # a value only the cache can produce (a random model scores 0)
+    data["eval"]["eval/accuracy"] = 0.42  # a value only the cache can produce (a random model scores 0)
     stored.write_text(json.dumps(data))
 
     initial_evaluations = []
-    evaluate = Trainer.evaluate
+    evaluate = train_mod.evaluate_run
 
-    def counting(self, step):
-        initial_evaluations.extend([self.cfg.output_dir] if step == 0 else [])
-        return evaluate(self, step)
+    def counting(run, step):
+        initial_evaluations.extend([run.cfg.output_dir] if step == 0 else [])
+        return evaluate(run, step)
 
-    monkeypatch.setattr(Trainer, "evaluate", counting)
+    monkeypatch.setattr(train_mod, "evaluate_run", counting)
     second = train(apply(Config(), {**shared, "method": "sdpo", "output_dir": str(tmp_path / "sdpo")}))
-    row = metrics(second)[0]
-    assert row["eval_cached"] is True and row["eval_accuracy"] == 0.42 and initial_evaluations == []
+    row = RunDir(second).metrics()[0]
+    assert row["eval/cached"] is True and row["eval/accuracy"] == 0.42 and initial_evaluations == []
     other_seed = train(apply(Config(), {**shared, "method": "sdpo", "seed": 1, "output_dir": str(tmp_path / "s1")}))
-    assert "eval_cached" not in metrics(other_seed)[0] and initial_evaluations == [str(other_seed)]
+    assert "eval/cached" not in RunDir(other_seed).metrics()[0] and initial_evaluations == [str(other_seed)]

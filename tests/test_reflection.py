@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from pmd.reflection import (ParseReport, behavior_prompt, copied_from, cut_attempt, insight_prompt, parse_behaviors,
+from pmd.memory.reflection import (ParseReport, behavior_prompt, copied_from, cut_attempt, insight_prompt, parse_behaviors,
                             parse_insights, sanitize_entry)
 
 # Anything that could break the teacher-context template or the chat template if it reached memory.

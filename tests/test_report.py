@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pmd import compare
 from pmd import config as config_mod
-from pmd.memory import MemoryLimits, MemoryStore, Rollout
-from pmd.report import phase_seconds, write_report
+from pmd.experiments import compare, report
+from pmd.experiments.report import phase_seconds, write_report
+from pmd.memory import MemoryConfig, MemoryStore, Rollout
+from pmd.metrics import LEGACY_NAMES, upgrade
 from pmd.runlog import RunDir
 
 SCRIPT = "<script>alert(1)</script>"
@@ -27,25 +28,27 @@ IMG = '<img src="data:image/png;base64,'
 
 def metrics_rows(method: str, final: float | None, steps: int = STEPS, evals: bool = True) -> list[dict]:
     """A plausible metrics.jsonl: a step-0 eval row, training rows (keys by method), eval rows at 3 and 6."""
-    rows = [{"step": 0, "eval_accuracy": 0.30, "eval_accuracy_greedy": 0.25}] if evals else []
+    rows = [{"step": 0, "eval/accuracy": 0.30, "eval/accuracy_greedy": 0.25}] if evals else []
     for step in range(1, steps + 1):
-        row = {"step": step, "loss": 0.1 / step, "reward_mean": 0.1 * step, "rollouts": step * PROBLEMS * GROUP,
+        row = {"step": step, "train/loss": 0.1 / step, "train/reward_mean": 0.1 * step,
+               "rollouts": step * PROBLEMS * GROUP,
                "time/generate": 4.0, "time/verify": 0.5, "time/student_forward": 1.0, "time/backward": 1.5,
                "time/optimizer": 0.1, "time/step": 8.0}
         if method in ("sdpo", "pmd"):
-            row.update({"teacher_signal_fraction": 0.5 + 0.04 * step, "teacher_student_divergence": 0.05 / step,
-                        "teacher_prefers_pass": 0.6, "teacher_lift_prefers_pass": 0.55,
+            row.update({"teacher/signal_fraction": 0.5 + 0.04 * step, "teacher/divergence": 0.05 / step,
+                        "teacher/prefers_pass": 0.6, "teacher/lift_prefers_pass": 0.55,
                         "time/teacher_forward": 0.8})
         if method == "pmd":
-            row.update({"context_experience_fraction": 1.0, "context_insight_fraction": 0.8,
-                        "context_behavior_fraction": 0.1 * step, "reflect/calls": 2.0, "reflect/parse_fail": 1.0,
-                        "time/reflect": 1.2, "time/memory": 1.3, "time/memory_observe": 0.1})
+            row.update({"teacher/context_experience_fraction": 1.0, "teacher/context_insight_fraction": 0.8,
+                        "teacher/context_behavior_fraction": 0.1 * step, "memory/reflect_calls": 2.0,
+                        "memory/reflect_parse_fail": 1.0, "time/reflect": 1.2, "time/memory": 1.3,
+                        "time/memory_observe": 0.1})
             for i, level in enumerate(("experience", "insight", "behavior")):
                 row[f"memory/{level}_entries"] = (3 - i) * step
                 row[f"memory/{level}_tokens"] = 20 * (3 - i) * step
         if evals and final is not None and step in (3, steps):
             accuracy = final if step == steps else (0.30 + final) / 2
-            row.update({"eval_accuracy": accuracy, "eval_accuracy_greedy": accuracy - 0.05, "time/eval": 30.0})
+            row.update({"eval/accuracy": accuracy, "eval/accuracy_greedy": accuracy - 0.05, "time/eval": 30.0})
         rows.append(row)
     return rows
 
@@ -70,7 +73,7 @@ NEGATIVE = [f"lesson {i}: guessing the answer fails" for i in range(3)]
 
 
 def make_memory(path: Path) -> None:
-    with MemoryStore.for_run(path, MemoryLimits(l2_max_strategies=10, l2_max_lessons=10)) as store:
+    with MemoryStore.for_run(path, MemoryConfig(l2_max_strategies=10, l2_max_lessons=10)) as store:
         store.add_rollouts(1, "chain_sum/train/7", [Rollout("3 + 4 = 7. Answer: 7", 1.0, True, rollout_id="1-0"),
                                                     Rollout("Answer: 8", 0.0, False, "8 is wrong", "1-3")])
         ids = store.add_insights(2, "chain_sum/train/7", strategies=POSITIVE, lessons=NEGATIVE + [SCRIPT],
@@ -190,16 +193,40 @@ def test_several_runs_default_to_cwd_and_same_arm_seed_stay_apart(tmp_path, monk
     assert explicit == tmp_path / "sub" / "cmp.html" and explicit.read_text().count(IMG) == 6
 
 
+def flat(row: dict) -> dict:
+    """The same metrics row as a run folder written before the metric namespaces holds it."""
+    old = {new: name for name, new in LEGACY_NAMES.items()}
+    return {old.get(k) or k.replace("memory/reflect_", "reflect/"): v for k, v in row.items()}
+
+
+def test_a_grid_written_with_the_flat_names_gives_the_same_tables(grid, tmp_path):
+    folders = {}
+    for names in ("namespaced", "flat"):
+        folders[names] = shutil.copytree(grid, tmp_path / names, ignore=shutil.ignore_patterns("report.html"))
+    for metrics in folders["flat"].glob("runs/*/metrics.jsonl"):
+        rows = RunDir(metrics.parent).read("metrics.jsonl")
+        assert all(upgrade(flat(r)) == r for r in rows) and any(flat(r) != r for r in rows)
+        metrics.unlink()
+        RunDir(metrics.parent).append("metrics.jsonl", [flat(r) for r in rows])
+    tables = {}
+    for names, folder in folders.items():
+        md, csv = compare.write_results(folder)
+        tables[names] = (md.read_text(), csv.read_text(),
+                         report.results_section("Results", report.collect([folder])[1][0][1], folder))
+    assert tables["flat"] == tables["namespaced"]
+    assert "| pmd | 2 |" in tables["flat"][0] and "<td>pmd</td>" in tables["flat"][2]
+
+
 def test_not_a_run_folder_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="neither a run folder"):
         write_report([tmp_path])
 
 
 def test_phase_seconds_stacks_phases_not_totals():
-    rows = [{"step": 0, "eval_accuracy": 0.1, "time/eval": 99.0},
-            {"step": 1, "loss": 0.0, "time/generate": 4.0, "time/backward": 3.0, "time/reflect": 1.0,
+    rows = [{"step": 0, "eval/accuracy": 0.1, "time/eval": 99.0},
+            {"step": 1, "train/loss": 0.0, "time/generate": 4.0, "time/backward": 3.0, "time/reflect": 1.0,
              "time/memory": 1.0, "time/step": 10.0, "time/eval": 50.0},
-            {"step": 2, "loss": 0.0, "time/generate": 2.0, "time/backward": 3.0, "time/step": 6.0}]
+            {"step": 2, "train/loss": 0.0, "time/generate": 2.0, "time/backward": 3.0, "time/step": 6.0}]
     seconds = phase_seconds(rows)
     # reflect ran in one step of two: 0.5 s per step; other = mean step (8) - phases (3 + 3 + 0.5)
     assert seconds == {"generate": 3.0, "reflect": 0.5, "backward": 3.0, "other": 1.5}

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from pmd import sandbox as sandbox_mod
-from pmd.code_task import CodeTask, code_problem
-from pmd.sandbox import Limits, Sandbox, mode_available
+from pmd.tasks import sandbox as sandbox_mod
 from pmd.tasks import verify_many
+from pmd.tasks.code import CodeTask, code_problem
+from pmd.tasks.sandbox import Limits, Sandbox, mode_available
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox targets Linux")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from pmd.task_data import DataError
 from pmd.tasks import Problem, load_task, verify_many
+from pmd.tasks.data import DataError
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
@@ -295,7 +295,7 @@ def short_run(tmp_path, **kw):
 
     run = train(apply(Config(), {**TINY, "output_dir": str(tmp_path / "run"), **kw}))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2] and "eval_accuracy" in rows[-1]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/accuracy" in rows[-1]
     rollouts = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 2 * 2 * 2
     return rows, rollouts

@@ -160,6 +160,13 @@ def test_prefix_stable(task):
         assert task.problems(split, 50)[:10] == task.problems(split, 10)
 
 
+def test_default_task_without_params_uses_pmds_defaults(task):
+    bare = load_task(DEFAULT_TASK, {}, seed=0)
+    assert bare.params == DEFAULT_TASK_PARAMS and bare.problems("train", 20) == task.problems("train", 20)
+    # Given parameters are used as they are, never merged with pmd's defaults.
+    assert load_task(DEFAULT_TASK, {"max_digits": 2}, seed=0).params == {"max_digits": 2}
+
+
 def test_different_seeds_differ():
     a = load_task(DEFAULT_TASK, DEFAULT_TASK_PARAMS, seed=0).problems("train", 50)
     b = load_task(DEFAULT_TASK, DEFAULT_TASK_PARAMS, seed=1).problems("train", 50)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pmd.config import Config, ConfigError, apply
-from pmd.train import Trainer, train
+from pmd.train import Run, save_final, setup, train, train_step
 
 TINY = dict(model="tiny-random", steps=4, problems_per_step=2, group_size=4, max_new_tokens=12,
             eval_problems=4, eval_samples=2, eval_every=2, save_every=1, micro_batch_size=4,
@@ -39,11 +39,11 @@ def test_loop_writes_complete_run_folder(tmp_path, method):
         assert (run / name).exists(), name
     rows = metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
-    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2] and "eval_accuracy" in rows[4]
+    assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[2] and "eval/accuracy" in rows[4]
     for r in rows[1:]:
-        assert {"loss", "reward_mean", "grad_norm", "time/generate", "time/step"} <= r.keys()
+        assert {"train/loss", "train/reward_mean", "train/grad_norm", "time/generate", "time/step"} <= r.keys()
         if method == "sdpo":
-            assert 0 <= r["teacher_signal_fraction"] <= 1
+            assert 0 <= r["teacher/signal_fraction"] <= 1
     rollouts = [json.loads(x) for x in (run / "rollouts.jsonl").read_text().splitlines()]
     assert len(rollouts) == 4 * 2 * 4 and {"completion", "reward", "feedback"} <= rollouts[0].keys()
     # final/ is a plain transformers folder
@@ -56,18 +56,18 @@ def test_loop_writes_complete_run_folder(tmp_path, method):
 
 def test_training_changes_trainable_parameters(tmp_path):
     # random rewards are all zero on a random model, so GRPO has no signal; SDPO with feedback always has one
-    trainer = Trainer(tiny(tmp_path, method="sdpo"))
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    row, _ = trainer.train_step(1)
-    assert row["teacher_signal_fraction"] > 0 and row["grad_norm"] > 0
-    changed = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    run = setup(tiny(tmp_path, method="sdpo"))
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    row, _ = train_step(run, 1)
+    assert row["teacher/signal_fraction"] > 0 and row["train/grad_norm"] > 0
+    changed = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     # LoRA B starts at zero, so A gets no gradient on the first step; every B must move
     assert changed and all(n in changed for n in before if "lora_B" in n)
 
 
-def _first_step_gradient(trainer: Trainer) -> tuple[torch.Tensor, dict, list[dict]]:
+def _first_step_gradient(run: Run) -> tuple[torch.Tensor, dict, list[dict]]:
     """The accumulated gradient of step 1 (weights kept), with the step's metrics row and rollout rows."""
-    trainer.optimizer.step = lambda: None  # keep weights: compare the accumulated gradient only
+    run.learner.optimizer.step = lambda: None  # keep weights: compare the accumulated gradient only
     captured = {}
     orig = torch.nn.utils.clip_grad_norm_
 
@@ -78,7 +78,7 @@ def _first_step_gradient(trainer: Trainer) -> tuple[torch.Tensor, dict, list[dic
 
     torch.nn.utils.clip_grad_norm_ = capture
     try:
-        row, rollouts = trainer.train_step(1)
+        row, rollouts = train_step(run, 1)
     finally:
         torch.nn.utils.clip_grad_norm_ = orig
     return captured["g"], row, rollouts
@@ -87,9 +87,9 @@ def _first_step_gradient(trainer: Trainer) -> tuple[torch.Tensor, dict, list[dic
 def test_micro_batching_does_not_change_the_gradient(tmp_path):
     grads = []
     for micro in (8, 3):
-        trainer = Trainer(tiny(tmp_path, micro_batch_size=micro, dtype="float32", max_grad_norm=0.0))
+        run = setup(tiny(tmp_path, micro_batch_size=micro, dtype="float32", max_grad_norm=0.0))
         torch.manual_seed(0)
-        grads.append(_first_step_gradient(trainer)[0])
+        grads.append(_first_step_gradient(run)[0])
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
@@ -102,14 +102,14 @@ def test_prefix_shared_teacher_gives_the_same_gradient(tmp_path, monkeypatch):
     monkeypatch.setattr(pmd.prefix, "encode_prefix", lambda f, ids, *a: encoded.append(len(ids)) or real_encode(f, ids, *a))
     out = {}
     for sharing in (False, True):
-        trainer = Trainer(tiny(tmp_path, method="sdpo", dtype="float32", max_grad_norm=0.0, group_size=6,
+        run = setup(tiny(tmp_path, method="sdpo", dtype="float32", max_grad_norm=0.0, group_size=6,
                                teacher_prefix_sharing=sharing))
-        grad, row, rollouts = _first_step_gradient(trainer)
+        grad, row, rollouts = _first_step_gradient(run)
         out[sharing] = (grad, row, [r["completion"] for r in rollouts])
     assert out[True][2] == out[False][2]  # same rollouts: the comparison is of the teacher forward alone
-    assert 0 < len(encoded) < 2 * 6 * out[True][1]["teacher_signal_fraction"]  # prompts were shared
+    assert 0 < len(encoded) < 2 * 6 * out[True][1]["teacher/signal_fraction"]  # prompts were shared
     assert torch.allclose(out[True][0], out[False][0], atol=1e-6, rtol=1e-4)
-    for key in ("loss", "teacher_student_divergence", "teacher_prefers_pass"):
+    for key in ("train/loss", "teacher/divergence", "teacher/prefers_pass"):
         if key in out[False][1]:
             assert out[True][1][key] == pytest.approx(out[False][1][key], rel=1e-4, abs=1e-6), key
 
@@ -133,17 +133,17 @@ def test_prefix_shared_student_gives_the_same_gradient(tmp_path, monkeypatch, me
     for sharing in (False, True):
         encoded.clear()
         # micro-batch 4 < group 6: a problem's rows span micro-batches, and some micro-batches mix problems
-        trainer = Trainer(tiny(tmp_path, method=method, dtype="float32", max_grad_norm=0.0, group_size=6,
+        run = setup(tiny(tmp_path, method=method, dtype="float32", max_grad_norm=0.0, group_size=6,
                                micro_batch_size=4, teacher_prefix_sharing=False, student_prefix_sharing=sharing,
                                task=str(tmp_path / "data.jsonl"), success_threshold=0.2,
                                task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"}))
-        grad, row, rollouts = _first_step_gradient(trainer)
+        grad, row, rollouts = _first_step_gradient(run)
         out[sharing] = (grad, row, [r["completion"] for r in rollouts], len(encoded))
     assert out[True][2] == out[False][2]
     assert out[False][3] == 0 < out[True][3] < len(out[True][2])  # fewer prompt encodes than rows
     assert out[True][0].abs().max() > 0
     assert torch.allclose(out[True][0], out[False][0], atol=1e-6, rtol=1e-4)
-    assert out[True][1]["loss"] == pytest.approx(out[False][1]["loss"], rel=1e-4, abs=1e-6)
+    assert out[True][1]["train/loss"] == pytest.approx(out[False][1]["train/loss"], rel=1e-4, abs=1e-6)
 
 
 def _final_weights(run: Path) -> dict:
@@ -159,7 +159,7 @@ def test_resume_continues_exactly(tmp_path):
     a, b = metrics(full), metrics(resumed)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
     for ra, rb in zip(a, b):
-        assert ra.get("loss") == rb.get("loss") and ra.get("reward_mean") == rb.get("reward_mean")
+        assert ra.get("train/loss") == rb.get("train/loss") and ra.get("train/reward_mean") == rb.get("train/reward_mean")
     wa, wb = _final_weights(full), _final_weights(resumed)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -180,7 +180,7 @@ def test_kill_and_resume(tmp_path):
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     a, b = metrics(reference), metrics(out)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4, 5]
-    assert [r.get("loss") for r in a] == [r.get("loss") for r in b]
+    assert [r.get("train/loss") for r in a] == [r.get("train/loss") for r in b]
     wa, wb = _final_weights(reference), _final_weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -223,11 +223,11 @@ def test_final_model_equals_the_policy_that_was_evaluated(tmp_path):
     """final/ loaded in bf16 has exactly the weights the sampling copy had (LoRA merged in fp32, rounded once)."""
     from pmd.models import load_model_and_tokenizer
 
-    trainer = Trainer(tiny(tmp_path, learning_rate=1e-2))
-    trainer.train_step(1)
-    trainer.train_step(2)
-    sampled = {n: p.detach().clone() for n, p in trainer.sampler.model.named_parameters()}
-    trainer.save_final(tmp_path / "final")
+    run = setup(tiny(tmp_path, learning_rate=1e-2))
+    train_step(run, 1)
+    train_step(run, 2)
+    sampled = {n: p.detach().clone() for n, p in run.sampler.model.named_parameters()}
+    save_final(run, tmp_path / "final")
     loaded, _ = load_model_and_tokenizer(str(tmp_path / "final"), dtype=torch.bfloat16)
     for n, p in loaded.named_parameters():
         assert torch.equal(p, sampled[n]), n

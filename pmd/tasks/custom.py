@@ -39,9 +39,8 @@ import os
 import sys
 from pathlib import Path
 
-from pmd.task_data import (DataError, check_params, check_unique_ids, in_eval_split, json_safe, load_rows,
-                           read_jsonl, row_id, source_params_help, split_problems)
-from pmd.tasks import Problem, Verdict
+from pmd.tasks.base import Problem, RowTask, Verdict
+from pmd.tasks.data import DataError, check_params, json_safe, load_rows, row_id, source_params_help
 
 PARAMS = {
     **source_params_help(),
@@ -137,22 +136,18 @@ def _accepts(fn) -> tuple[set[str], bool]:
     return names, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
 
 
-class CustomTask:
+class CustomTask(RowTask):
     def __init__(self, name: str, rows: list[dict], source: str, params: dict, seed: int = 0):
         check_params(name, params, PARAMS)
         if not params.get("reward_fn"):
             raise ValueError(f"task {name!r} needs task_params reward_fn=module:function")
-        self.name, self.params, self.seed = name, params, seed
         self.reward_fn = load_reward_fn(params["reward_fn"])
         self.names, self.var_kw = _accepts(self.reward_fn)
         self.strict = bool(params.get("strict", False))
         self.clip = bool(params.get("clip_rewards", True))
-        self.eval_fraction = float(params.get("eval_fraction", 0.2))
-        self.problem_split = str(params.get("problem_split", "holdout"))
-        if self.problem_split not in ("holdout", "shared"):
-            raise ValueError(f"task {name!r}: problem_split must be holdout or shared")
+        super().__init__(name, params, seed)
         column = params.get("prompt_column")
-        self._problems, self._prompts = [], {}
+        problems, self._prompts = [], {}
         for row in rows:
             where = f"{source}: row {row.get('_row', '?')}"
             key = column or ("prompt" if "prompt" in row else "question")
@@ -172,10 +167,9 @@ class CustomTask:
             columns = {k: json_safe(v) for k, v in row.items() if k not in (key, "_row")}
             pid = row_id(row, name)
             self._prompts[pid] = json_safe(prompt)
-            self._problems.append(Problem(id=pid, question=str(text), answer=str(row.get("answer", "") or ""),
-                                          metadata={"columns": columns, "row": row.get("_row"), "source": source}))
-        check_unique_ids([p.id for p in self._problems], source)
-        self._by_id = {p.id: p for p in self._problems}
+            problems.append(Problem(id=pid, question=str(text), answer=str(row.get("answer", "") or ""),
+                                    metadata={"columns": columns, "row": row.get("_row"), "source": source}))
+        self._set_problems(problems, source)
 
     @classmethod
     def load(cls, name: str, params: dict | None = None, seed: int = 0) -> "CustomTask":
@@ -183,19 +177,6 @@ class CustomTask:
         check_params(name, params, PARAMS)
         rows, source = load_rows(params, name)
         return cls(name, rows, source, params, seed)
-
-    def problems(self, split: str, n: int) -> list[Problem]:
-        chosen = split_problems(self._problems, split, n,
-                                lambda p: in_eval_split(p.question, self.eval_fraction, salt=f"{self.name}/"),
-                                self.problem_split)
-        if n > 0 and not chosen:
-            raise ValueError(f"task {self.name!r} has no {split} problems (eval_fraction={self.eval_fraction})")
-        return chosen
-
-    def get_problem(self, problem_id: str, split: str | None = None) -> Problem:
-        if problem_id not in self._by_id:
-            raise ValueError(f"task {self.name!r} has no problem {problem_id!r}")
-        return self._by_id[problem_id]
 
     def messages(self, problem: Problem) -> list[dict]:
         prompt = self._prompts[problem.id]
@@ -231,31 +212,3 @@ class CustomTask:
             value = 0.0 if r is None else (min(max(r, 0.0), 1.0) if self.clip else r)
             verdicts.append(Verdict(value, fb or "", None))
         return verdicts
-
-
-def load_file_task(path: str, params: dict | None = None, seed: int = 0):
-    """`task=FILE.jsonl`: a custom task when reward_fn is given, else the kind the columns suggest."""
-    params = dict(params or {})
-    if "path" in params or "dataset" in params:
-        raise ValueError(f"task={path!r} is already the data file; drop path/dataset from task_params")
-    name = Path(path).stem
-    if params.get("reward_fn"):
-        return CustomTask.load(name, {**params, "path": path}, seed)
-    rows = read_jsonl(path, limit=1)
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    first = rows[0]
-    if {"tests", "test", "test_list", "public_test_cases"} & first.keys():
-        from pmd.code_task import CodeTask
-
-        return CodeTask.from_rows(name, {**params, "path": path}, seed)
-    if {"choices", "options", "answerKey", "ideal"} & first.keys():
-        from pmd.mcq_task import MCQTask
-
-        return MCQTask.load({**params, "path": path}, seed, name=name)
-    if {"answer", "final_answer", "solution"} & first.keys():
-        from pmd.math_task import MathTask
-
-        return MathTask.load({**params, "path": path}, seed, name=name)
-    raise ValueError(f"task={path!r}: give task_params reward_fn=module:function, or use columns pmd knows "
-                     "(tests for code, choices + answerKey for multiple choice, answer for math)")

@@ -18,9 +18,9 @@ from __future__ import annotations
 import re
 import threading
 
-from pmd.task_data import (DataError, check_params, check_unique_ids, first_key, in_eval_split, load_rows,
-                           row_id, source_params_help, split_problems)
-from pmd.tasks import PROMPT_TEMPLATE, Problem, ReasoningGymTask, Verdict, extract_answer, feedback_for
+from pmd.tasks.base import Problem, RowTask, Verdict
+from pmd.tasks.data import DataError, check_params, first_key, load_rows, row_id, source_params_help
+from pmd.tasks.reasoning import PROMPT_TEMPLATE, ReasoningGymTask, extract_answer, feedback_for
 
 PARAMS = {
     **source_params_help(),
@@ -82,14 +82,15 @@ class MathVerifier:
         return bool(self._verify(self.gold(answer), parsed, timeout_seconds=self._timeouts()["verify"])), shown
 
 
-class MathTask:
+class MathTask(RowTask):
+    """Rows from a file or dataset (a RowTask, always holdout), or a reasoning-gym generator's problems."""
+
+    EMPTY_SPLIT = "task {name!r} has no {split} problems"
+
     def __init__(self, name: str, params: dict, seed: int, problems: list[Problem] | None = None,
-                 generator: ReasoningGymTask | None = None):
-        self.name, self.params, self.seed = name, params, seed
-        self._problems = problems
+                 generator: ReasoningGymTask | None = None, source: str | None = None):
+        super().__init__(name, params, seed, problems, source)
         self._generator = generator
-        self.eval_fraction = float(params.get("eval_fraction", 0.2))
-        self._by_id = {p.id: p for p in problems or []}
         self._checker: MathVerifier | None = None
 
     @classmethod
@@ -99,8 +100,7 @@ class MathTask:
         if params.get("path") or params.get("dataset"):
             rows, source = load_rows(params, name)
             problems = [math_problem(row, source, name) for row in rows]
-            check_unique_ids([p.id for p in problems], source)
-            return cls(name, params, seed, problems=problems)
+            return cls(name, params, seed, problems=problems, source=source)
         rg_params = params.get("rg_params") or {}
         if not isinstance(rg_params, dict):
             raise ValueError(f"task {name!r}: rg_params must be a mapping")
@@ -116,18 +116,12 @@ class MathTask:
     def problems(self, split: str, n: int) -> list[Problem]:
         if self._generator is not None:
             return self._generator.problems(split, n)
-        chosen = split_problems(self._problems, split, n,
-                                lambda p: in_eval_split(p.question, self.eval_fraction, salt=f"{self.name}/"))
-        if n > 0 and not chosen:
-            raise ValueError(f"task {self.name!r} has no {split} problems")
-        return chosen
+        return super().problems(split, n)
 
     def get_problem(self, problem_id: str, split: str | None = None) -> Problem:
         if self._generator is not None:
             return self._generator.get_problem(problem_id)
-        if problem_id not in self._by_id:
-            raise ValueError(f"task {self.name!r} has no problem {problem_id!r}")
-        return self._by_id[problem_id]
+        return super().get_problem(problem_id, split)
 
     def messages(self, problem: Problem) -> list[dict]:
         return [{"role": "user", "content": PROMPT_TEMPLATE.format(question=problem.question)}]

@@ -1,6 +1,6 @@
 """The trusted program that runs *inside* the sandbox: isolate, limit, then run one candidate's tests.
 
-pmd never imports this module. `pmd.sandbox` reads its source and starts it as
+pmd never imports this module. `pmd.tasks.sandbox` reads its source and starts it as
 ``python -I -S -c <source>``, writes one job (JSON) to its stdin and reads JSON-line records from a
 pipe whose number is in the job. Standard library only.
 

@@ -9,6 +9,9 @@ The key is the whole config minus the keys listed in TRAINING_ONLY, plus the lib
 (`attn_implementation=auto` picks another kernel on a GPU) and the number of processes (which changes how
 evaluation batches are formed). A key not listed there is part of the key, so
 a new config field can only cause a miss, never a wrong hit. Delete the folder to recompute.
+
+The fields are stored with today's metric names (`eval/accuracy`, ...); a file written before the namespaces
+(`eval_accuracy`, ...) is read with them too (`pmd.metrics.upgrade`), so it stays a hit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from pmd.metrics import upgrade
 
 # Keys that cannot change what the initial model scores on the held-out problems: they act after step 0
 # (method, optimisation, memory, reflection) or only decide when to evaluate and save.
@@ -56,12 +61,13 @@ def cache_path(config: dict, world: int) -> Path | None:
 
 
 def load(path: Path | None) -> dict | None:
-    """The stored evaluation fields, or None (no cache, not written yet, or unreadable: evaluate again)."""
+    """The stored evaluation fields with today's metric names, or None (no cache, not written yet, or
+    unreadable: evaluate again)."""
     if path is None or not path.exists():
         return None
     try:
         stored = json.loads(path.read_text())
-        return stored["eval"] if isinstance(stored.get("eval"), dict) else None
+        return upgrade(stored["eval"]) if isinstance(stored.get("eval"), dict) else None
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -72,7 +78,7 @@ def store(path: Path | None, config: dict, fields: dict) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"eval": fields, "computed_by": config.get("output_dir", ""),
+    tmp.write_text(json.dumps({"eval": upgrade(fields), "computed_by": config.get("output_dir", ""),
                                "config": {k: v for k, v in config.items() if k not in TRAINING_ONLY}},
                               indent=1, default=str))
     os.replace(tmp, path)

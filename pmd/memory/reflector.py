@@ -1,4 +1,4 @@
-"""Who writes the reflections: a model that turns a prompt into text (PMD_METHOD §3.7).
+"""Who writes the reflections: a model that turns a prompt into text (docs/method.md §11).
 
     reflector=policy                        the current policy (default; PMD's self-reflection). Under
                                             freeze=reflector: the initial weights instead.
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from pmd.rollout import generate, sample_seed
+from pmd.rollout import encode_chat, generate, sample_seed
 
 
 class LocalReflector:
@@ -46,8 +46,6 @@ class LocalReflector:
     def __call__(self, prompts: list[str], seed: int, prefill: str = "",
                  fields: list[tuple[str, str]] | None = None) -> list[str | None]:
         """One answer per prompt. `fields`: [(prefix, stop characters)], written in order (see the class)."""
-        from pmd.evaluate import encode_chat
-
         if not prompts:
             return []
         fields = fields or [(prefill, "")]
@@ -110,6 +108,20 @@ def _cut(text: str, stops: str) -> str:
     """Text up to (not including) the first stop character."""
     cut = min((i for i in (text.find(c) for c in stops) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def make_reflector(spec: str, *, policy: Callable[[], torch.nn.Module], tokenizer, load_model, temperature: float,
+                   max_new_tokens: int, batch_size: int):
+    """The reflector `spec` names. `policy()` returns the model that reflects by default (the current policy's
+    sampling copy), `load_model(spec)` loads another local model with its tokenizer."""
+    kind, where, name = parse_reflector_spec(spec)
+    options = {"temperature": temperature, "max_new_tokens": max_new_tokens}
+    if kind == "openai":
+        return OpenAIReflector(where, name, **options)
+    if kind == "local":
+        model, local_tokenizer = load_model(where)
+        return LocalReflector(lambda: model, local_tokenizer, batch_size=batch_size, **options)
+    return LocalReflector(policy, tokenizer, batch_size=batch_size, **options)
 
 
 def parse_reflector_spec(spec: str) -> tuple[str, str, str]:

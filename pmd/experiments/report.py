@@ -8,9 +8,9 @@ The page needs no network: the plots are PNGs inlined as `data:` URIs and the st
 file can be archived next to a run, mailed, or opened on an offline machine. Everything read from a run folder
 (memory text, problem ids, config values, paths) is untrusted: it reaches the page only through `html.escape`.
 
-Runs are drawn per arm (a folder named ARM-sSEED belongs to ARM, any other to `pmd.compare.arm_of` of its
-config): seeds of one arm are averaged into one line with a band. Two runs
-with the same arm *and* seed are different experiments, not seeds, so that arm is split by source folder.
+Runs are drawn per arm (a folder named ARM-sSEED belongs to ARM, any other to `compare.arm_of` of its config):
+seeds of one arm are averaged into one line with a band. Two runs with the same arm *and* seed are different
+experiments, not seeds, so that arm is split by source folder.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pmd import compare
+from pmd.experiments import compare
 from pmd.config import Config, ConfigError
 
 # One colour per arm, the same in every plot and every report; other line labels take the spare colours.
@@ -87,7 +87,7 @@ class Run:
 
     @cached_property
     def train_rows(self) -> list[dict]:
-        return [r for r in self.rows if r.get("step", 0) > 0 and "loss" in r]
+        return [r for r in self.rows if r.get("step", 0) > 0 and "train/loss" in r]
 
     @property
     def steps_done(self) -> int:
@@ -104,7 +104,7 @@ def load(path: Path, source: str) -> Run:
 
     run_dir = RunDir(path)
     by_step: dict[int, dict] = {}
-    for row in run_dir.read("metrics.jsonl"):
+    for row in run_dir.metrics():
         if isinstance(row.get("step"), int):
             by_step[row["step"]] = row  # a step logged twice (a resume) counts once: the last
     return Run(compare.load_run(path), run_dir.read_config(), [by_step[s] for s in sorted(by_step)], source)
@@ -226,7 +226,7 @@ def phase_seconds(rows: list[dict]) -> dict[str, float]:
 
     A phase missing from a row took no time in that step (consolidate runs every few steps), so it counts 0.
     """
-    train = [r for r in rows if r.get("step", 0) > 0 and "loss" in r]
+    train = [r for r in rows if r.get("step", 0) > 0 and "train/loss" in r]
     if not train:
         return {}
     found = {k[5:] for r in train for k in r if k.startswith("time/")} - NOT_PHASES
@@ -303,11 +303,11 @@ def line_plot(groups, colors, get, title: str, ylabel: str, xlabel: str, caption
 def plot_eval(groups, colors) -> Plot | None:
     """1. Held-out accuracy against rollouts consumed: the headline curve, at equal budgets across arms."""
     def get(run: Run) -> dict[float, float]:
-        return {ev["rollouts"]: 100 * ev["eval_accuracy"] for ev in run.result.evals
-                if number(ev.get("eval_accuracy")) is not None}
+        return {ev["rollouts"]: 100 * ev["eval/accuracy"] for ev in run.result.evals
+                if number(ev.get("eval/accuracy")) is not None}
     return line_plot(groups, colors, get, "Held-out accuracy", "accuracy (%), mean@k, memory-free",
                      "rollouts consumed",
-                     "Held-out accuracy (eval_accuracy, sampled mean@k, memory-free) at each evaluation, against "
+                     "Held-out accuracy (eval/accuracy, sampled mean@k, memory-free) at each evaluation, against "
                      "the training rollouts consumed so far, so arms are compared at equal budgets. "
                      + BAND_NOTE, marker="o")
 
@@ -318,16 +318,16 @@ def plot_reward(groups, colors) -> Plot | None:
     window = max(1, min(10, longest // 10))
     smoothing = (f"a trailing moving average over {window} steps per seed" if window > 1
                  else "raw per-step values (too few steps to smooth)")
-    return line_plot(groups, colors, lambda r: smooth(series(r, "reward_mean", "rollouts"), window),
-                     "Training reward", "reward_mean", "rollouts consumed",
-                     f"Mean reward of each step's rollouts (reward_mean), {smoothing}. Training problems recur "
-                     "across epochs, so this can rise faster than held-out accuracy. " + BAND_NOTE)
+    return line_plot(groups, colors, lambda r: smooth(series(r, "train/reward_mean", "rollouts"), window),
+                     "Training reward", "train/reward_mean", "rollouts consumed",
+                     f"Mean reward of each step's rollouts (train/reward_mean), {smoothing}. Training problems "
+                     "recur across epochs, so this can rise faster than held-out accuracy. " + BAND_NOTE)
 
 
 def plot_teacher_signal(groups, colors) -> Plot | None:
     """3. How many rollouts got a teacher signal at all (sdpo/pmd): without one a rollout teaches nothing."""
-    return line_plot(groups, colors, lambda r: series(r, "teacher_signal_fraction"), "Teacher signal",
-                     "teacher_signal_fraction", "step",
+    return line_plot(groups, colors, lambda r: series(r, "teacher/signal_fraction"), "Teacher signal",
+                     "teacher/signal_fraction", "step",
                      "Fraction of rollouts whose teacher prompt had a demonstration or feedback to distil "
                      "(sdpo and pmd only; grpo has no teacher). Low values mean most of the batch gave no "
                      "distillation gradient.", ylim=FRACTION)
@@ -335,7 +335,7 @@ def plot_teacher_signal(groups, colors) -> Plot | None:
 
 def plot_divergence(groups, colors) -> Plot | None:
     """4. Teacher-student divergence: how far the context moves the teacher from the student."""
-    return line_plot(groups, colors, lambda r: series(r, "teacher_student_divergence"),
+    return line_plot(groups, colors, lambda r: series(r, "teacher/divergence"),
                      "Teacher–student divergence", "divergence per token", "step",
                      "Mean per-token divergence between the student and its context-reading teacher on the "
                      "student's own completions. Near 0 the context changes nothing (no learning signal); "
@@ -395,17 +395,18 @@ def plot_time(groups, colors) -> Plot | None:
 def plot_diagnostics(groups, colors) -> Plot | None:
     """7. Is the memory useful to the teacher, which levels reach its prompt, and does reflection parse?"""
     panels = []
-    for key, title in (("teacher_prefers_pass", "teacher prefers passing rollout"),
-                       ("teacher_lift_prefers_pass", "teacher lift prefers passing rollout")):
+    for key, title in (("teacher/prefers_pass", "teacher prefers passing rollout"),
+                       ("teacher/lift_prefers_pass", "teacher lift prefers passing rollout")):
         data = {g: [series(r, key) for r in rs] for g, rs in groups.items()}
         if any(any(s) for s in data.values()):
             panels.append((title, data, 0.5, None))
-    levels = {lv: {g: [series(r, f"context_{lv}_fraction") for r in rs] for g, rs in groups.items()}
+    levels = {lv: {g: [series(r, f"teacher/context_{lv}_fraction") for r in rs] for g, rs in groups.items()}
               for lv in LEVELS}
     levels = {lv: d for lv, d in levels.items() if any(any(s) for s in d.values())}
     if levels:
         panels.append(("teacher context: fraction with each level", None, None, levels))
-    fails = {g: [ratio_series(r, "reflect/parse_fail", "reflect/calls") for r in rs] for g, rs in groups.items()}
+    fails = {g: [ratio_series(r, "memory/reflect_parse_fail", "memory/reflect_calls") for r in rs]
+             for g, rs in groups.items()}
     if any(any(s) for s in fails.values()):
         panels.append(("reflection parse-fail rate", fails, None, None))
     if not panels:
@@ -518,7 +519,7 @@ def runs_section(runs: list[Run]) -> str:
             final = r.result.final
             rows.append([e(group), e(str(r.result.seed)), f"{r.steps_done} / {r.cfg.steps}",
                          "finished" if r.result.finished else "not finished",
-                         pct(final.get("eval_accuracy")), pct(final.get("eval_accuracy_greedy")),
+                         pct(final.get("eval/accuracy")), pct(final.get("eval/accuracy_greedy")),
                          compare._num(r.result.wall_minutes, 1), f"<code>{e(str(r.result.path))}</code>"])
     return "<h2>Runs</h2>" + table(["arm", "seed", "steps", "state", "final eval % (mean@k)", "greedy %",
                                     "wall min", "run folder"], rows, numeric={1, 2, 4, 5, 6})
@@ -577,7 +578,7 @@ def memory_section(runs: list[Run]) -> str:
     if not with_memory:
         return ""
     def merit(r: Run) -> tuple:
-        accuracy = number(r.result.final.get("eval_accuracy"))
+        accuracy = number(r.result.final.get("eval/accuracy"))
         return r.result.finished, -1.0 if accuracy is None else accuracy, r.steps_done
 
     with_memory.sort(key=merit, reverse=True)

@@ -66,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pmd.memory.config import MemoryConfig
+
 MEMORY_FILENAME = "memory.sqlite"
 LEVELS = ("experience", "insight", "behavior")
 SCHEMA_VERSION = 1
@@ -158,22 +160,6 @@ def _vec_from_blob(blob: bytes) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class MemoryLimits:
-    """Caps and thresholds (PMD_METHOD §3.3-3.6). A token budget of None means no budget."""
-
-    l1_max_pass: int = 4
-    l1_max_fail: int = 2
-    l2_max_strategies: int = 4
-    l2_max_lessons: int = 4
-    l2_entry_max_tokens: int = 64
-    l3_max_behaviors: int = 64
-    dedup_threshold: float = 0.9
-    l1_token_budget: int | None = None  # per problem
-    l2_token_budget: int | None = None  # per problem
-    l3_token_budget: int | None = None  # whole level
-
-
-@dataclass(frozen=True)
 class Rollout:
     """One verified rollout offered to the experience level (thinking already stripped by the caller)."""
 
@@ -192,36 +178,16 @@ class _BehaviorIndex:
     support: np.ndarray
     matrix: np.ndarray
     data_version: int  # PRAGMA data_version when built: it changes when another connection commits
-    ann: object | None = None  # faiss IVF index over `matrix` rows, above EXACT_SEARCH_LIMIT behaviors
-
-
-# Up to this many behaviors, retrieval scans them all (exact; ~3 ms at 20k x 384). Above it, a faiss IVF index
-# finds candidates (approximate, sub-millisecond at 100k) and they are re-scored exactly. Scanning is memory-
-# bound: 100k x 384 float32 is 150 MB per query, over 10 ms on any CPU.
-EXACT_SEARCH_LIMIT = 20_000
-
-
-def _ivf_index(matrix: np.ndarray):
-    """An inverted-file index (sqrt(n) k-means lists, inner product) over unit rows; built in seconds."""
-    import faiss
-
-    n, dims = matrix.shape
-    lists = max(1, int(np.sqrt(n)))
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dims), dims, lists, faiss.METRIC_INNER_PRODUCT)
-    index.train(matrix)
-    index.add(matrix)
-    index.nprobe = max(8, lists // 16)
-    return index
 
 
 # ---------------------------------------------------------------------------------------------- the store
 class MemoryStore:
     """The three-level memory of one run. See the module docstring for the schema and the rules."""
 
-    def __init__(self, path: str | Path, limits: MemoryLimits | None = None, *, embed: Embed | None = None,
+    def __init__(self, path: str | Path, limits: MemoryConfig | None = None, *, embed: Embed | None = None,
                  count_tokens: Callable[[str], int] = approx_tokens, readonly: bool = False):
         self.path = Path(path)
-        self.limits = limits or MemoryLimits()
+        self.limits = limits or MemoryConfig()
         self.embed = embed
         self.count_tokens = count_tokens
         self.readonly = readonly
@@ -229,7 +195,7 @@ class MemoryStore:
         self._conn = self._connect()
 
     @classmethod
-    def for_run(cls, run_dir: str | Path, limits: MemoryLimits | None = None, **kwargs) -> MemoryStore:
+    def for_run(cls, run_dir: str | Path, limits: MemoryConfig | None = None, **kwargs) -> MemoryStore:
         """The store of a run folder, `<run>/memory.sqlite`."""
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         return cls(Path(run_dir) / MEMORY_FILENAME, limits, **kwargs)
@@ -621,8 +587,7 @@ class MemoryStore:
             # One join + one frombuffer: far faster than stacking 100k small arrays.
             matrix = (np.frombuffer(b"".join(r["search_vec"] for r in rows), dtype=np.float32).reshape(len(rows), -1)
                       if rows else np.zeros((0, 0), dtype=np.float32))
-            ann = _ivf_index(matrix) if len(rows) > EXACT_SEARCH_LIMIT else None
-            self._behavior_index = _BehaviorIndex(ids, support, matrix, version, ann)
+            self._behavior_index = _BehaviorIndex(ids, support, matrix, version)
         return self._behavior_index
 
     def search_behaviors(self, query_vec: Sequence[float] | None, k: int = 4, min_sim: float = 0.3) -> list[dict]:
@@ -639,15 +604,10 @@ class MemoryStore:
         query = _unit_rows([query_vec])[0]
         if query.shape[0] != index.matrix.shape[1]:
             raise ValueError(f"query has {query.shape[0]} dims, behaviors have {index.matrix.shape[1]}")
-        if index.ann is not None:  # candidates from the IVF index, then exact scores on them only
-            _, found_rows = index.ann.search(query[None, :], max(64, 8 * k))
-            rows = np.unique(found_rows[0][found_rows[0] >= 0])
-        else:
-            rows = np.arange(len(index.ids))
+        # An exact scan: behaviors are capped (l3_max_behaviors), and 20k x 384 still takes ~3 ms.
         # einsum, not BLAS: multithreaded BLAS gemv stalls on a busy CPU; this single-threaded SIMD loop doesn't.
-        scores = np.full(len(index.ids), -np.inf, dtype=np.float32)
-        scores[rows] = np.einsum("ij,j->i", index.matrix[rows] if index.ann is not None else index.matrix, query)
-        hits = rows[scores[rows] >= min_sim]
+        scores = np.einsum("ij,j->i", index.matrix, query)
+        hits = np.flatnonzero(scores >= min_sim)
         if hits.size > k:  # keep everything tied with the k-th best, so support can break the tie exactly
             kth_best = np.partition(scores[hits], hits.size - k)[hits.size - k]
             hits = hits[scores[hits] >= kth_best]
@@ -671,7 +631,7 @@ class MemoryStore:
         return path
 
     @classmethod
-    def restore(cls, snapshot_path: str | Path, live_path: str | Path, limits: MemoryLimits | None = None,
+    def restore(cls, snapshot_path: str | Path, live_path: str | Path, limits: MemoryConfig | None = None,
                 **kwargs) -> MemoryStore:
         """Replace the live database with a snapshot and open it. Close any store on `live_path` first.
 

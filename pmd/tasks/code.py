@@ -43,10 +43,9 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 
-from pmd.sandbox import Limits, RunResult, Sandbox, signal_name
-from pmd.task_data import (DataError, check_params, check_unique_ids, first_key, in_eval_split, load_rows,
-                           row_id, source_params_help, split_problems)
-from pmd.tasks import Problem, Verdict
+from pmd.tasks.base import Problem, RowTask, Verdict
+from pmd.tasks.data import DataError, check_params, first_key, in_eval_split, load_rows, row_id, source_params_help
+from pmd.tasks.sandbox import Limits, RunResult, Sandbox, signal_name
 
 FIELD_CHARS = 250
 REPORT_CHARS = 2000
@@ -467,26 +466,28 @@ def _test_report(r: dict, n: int, limits: Limits) -> str:
 
 
 # --------------------------------------------------------------------------------------------- the task
-class CodeTask:
-    """Problems with unit tests; a response passes when its code passes the problem's tests."""
+class CodeTask(RowTask):
+    """Problems with unit tests; a response passes when its code passes the problem's tests.
+
+    The row list holds `CodeProblem`s (tests and all); the `Problem`s handed out carry only the id and which
+    tests judge it in its split.
+    """
 
     def __init__(self, name: str, problems: list[CodeProblem], params: dict | None = None, seed: int = 0):
         params = dict(params or {})
         check_params(name, params, PARAMS)
-        self.name = name
-        self.params = params
-        self.seed = seed
         self.reward_mode = str(params.get("reward", "all"))
         self.train_tests = str(params.get("train_tests", "half"))
-        self.problem_split = str(params.get("problem_split", "holdout"))
-        self.eval_fraction = float(params.get("eval_fraction", 0.2))
-        self.split_seed = int(params.get("split_seed", 0))
-        self.strict = bool(params.get("strict", False))
+        # problem_split is checked here, before RowTask reads it, so that its error lists the valid values.
         for key, value, valid in (("reward", self.reward_mode, ("all", "fraction")),
                                   ("train_tests", self.train_tests, ("half", "all")),
-                                  ("problem_split", self.problem_split, ("holdout", "shared"))):
+                                  ("problem_split", str(params.get("problem_split", "holdout")),
+                                   ("holdout", "shared"))):
             if value not in valid:
                 raise ValueError(f"task {name!r}: {key}={value!r}; valid values: {', '.join(valid)}")
+        super().__init__(name, params, seed)
+        self.split_seed = int(params.get("split_seed", 0))
+        self.strict = bool(params.get("strict", False))
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"task {name!r}: eval_fraction must be in [0, 1), got {self.eval_fraction}")
         self.limits = Limits(timeout=float(params.get("timeout", 5.0)),
@@ -497,9 +498,7 @@ class CodeTask:
         self.sandbox_mode = str(params.get("sandbox", "auto"))
         self.site_packages = bool(params.get("site_packages", False))
         self._sandbox: Sandbox | None = None
-        check_unique_ids([p.id for p in problems], name)
-        self._by_id = {p.id: p for p in problems}
-        self._order = [p.id for p in problems]
+        self._set_problems(problems)
 
     # -------------------------------------------------------------------------------------- constructors
     @classmethod
@@ -524,24 +523,7 @@ class CodeTask:
         return self._sandbox
 
     def __len__(self) -> int:
-        return len(self._order)
-
-    def problems(self, split: str, n: int) -> list[Problem]:
-        """The first `n` problems of a split in dataset order (fewer when the split is smaller)."""
-        ids = split_problems(self._order, split, n, self._is_eval, self.problem_split)
-        if n > 0 and not ids:
-            raise ValueError(f"task {self.name!r} has no {split} problems (eval_fraction={self.eval_fraction})")
-        return [self._problem(self._by_id[pid], split) for pid in ids]
-
-    def get_problem(self, problem_id: str, split: str | None = None) -> Problem:
-        """A problem by id; `split=None` uses the split it belongs to ("train" for shared problems)."""
-        if problem_id not in self._by_id:
-            close = [p for p in self._order if p.lower() == problem_id.lower()]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"task {self.name!r} has no problem {problem_id!r}.{hint}")
-        if split is None:
-            split = "eval" if self.problem_split == "holdout" and self._is_eval(problem_id) else "train"
-        return self._problem(self._by_id[problem_id], split)
+        return len(self._problems)
 
     def messages(self, problem: Problem) -> list[dict]:
         return [{"role": "user", "content": self._by_id[problem.id].message}]
@@ -585,8 +567,12 @@ class CodeTask:
         return verdicts  # type: ignore[return-value]
 
     # -------------------------------------------------------------------------------------- internals
-    def _is_eval(self, problem_id: str) -> bool:
-        return in_eval_split(problem_id, self.eval_fraction, salt=f"{self.name}/{self.split_seed}/")
+    def _is_eval(self, spec: CodeProblem) -> bool:
+        return in_eval_split(spec.id, self.eval_fraction, salt=f"{self.name}/{self.split_seed}/")
+
+    def _missing_hint(self, problem_id: str) -> str:
+        close = [p.id for p in self._problems if p.id.lower() == problem_id.lower()]
+        return "." + (f" Did you mean {close[0]!r}?" if close else "")
 
     def _selected_tests(self, spec: CodeProblem, split: str) -> list[int]:
         all_tests = list(range(1, spec.n_tests + 1))

@@ -19,7 +19,7 @@ What a candidate gets (details, guarantees and non-guarantees: docs/sandbox.md):
   - an in-process guard (a Python audit hook) that refuses network, subprocesses, signals to other
     processes, ctypes, and file access outside the work folder with a clear PermissionError.
 
-The program that runs inside is `pmd/sandbox_runner.py`; it reports one JSON record per event on a
+The program that runs inside is `pmd/tasks/sandbox_runner.py`; it reports one JSON record per event on a
 private pipe, and `RunResult` holds them.
 """
 
@@ -224,7 +224,7 @@ def slot_uid(slot: int) -> int:
 
 # --------------------------------------------------------------------------------------------- the sandbox
 class Sandbox:
-    """Runs jobs (see `pmd/sandbox_runner.py` for the job format) one process each."""
+    """Runs jobs (see `pmd/tasks/sandbox_runner.py` for the job format) one process each."""
 
     def __init__(self, mode: str = "auto", limits: Limits | None = None, workers: int = 2, guard: bool = True,
                  site_packages: bool = False, _probing: bool = False):

@@ -1,4 +1,4 @@
-"""Reflection prompts and the parsers of their outputs (PMD_METHOD §3.4, §3.5, §3.7). No model calls here.
+"""Reflection prompts and the parsers of their outputs (docs/method.md §8, §9, §11). No model calls here.
 
 Output formats
 --------------
@@ -39,7 +39,7 @@ import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from pmd.memory import approx_tokens, normalize_text
+from pmd.memory.store import approx_tokens, normalize_text
 
 # ---------------------------------------------------------------------------------------------- sanitising
 SPECIAL_TOKEN = re.compile(
@@ -49,7 +49,7 @@ SPECIAL_TOKEN = re.compile(
     r"|<(?:start_of_turn|end_of_turn|bos|eos|pad)>|</?s>",  # Gemma / Llama-2 / SentencePiece
     flags=re.IGNORECASE)
 
-# The teacher context's section headers (SDPO's, then PMD_METHOD §3.8's), matched loosely in spacing and case.
+# The teacher context's section headers (SDPO's, then pmd's; docs/method.md §4), matched loosely in spacing and case.
 _HEADER_PHRASES = [
     r"correct\s+solution\s*:",
     r"correctly\s+solve\s+the\s+original\s+question\b\.?",
@@ -205,7 +205,7 @@ def parse_behaviors(text: str, max_items: int = 1, min_words: int = 4, max_token
 
     A BEHAVIOR is rejected when its name is empty or longer than `max_name_words`, its instruction fails the
     length rules, its WHEN line is missing or empty, or it contains a multi-digit number (problem-specific
-    numbers are forbidden, §3.5; single digits such as "2 cases" are allowed). A WHEN without a BEHAVIOR is
+    numbers are forbidden, docs/method.md §9; single digits such as "2 cases" are allowed). A WHEN without a BEHAVIOR is
     ignored. Repeats of the same "name: instruction" collapse.
     """
     report = report if report is not None else ParseReport()
@@ -336,7 +336,7 @@ def insight_prompt(problem_text: str, passing_attempts: Sequence[str],
                    failing_attempts_with_feedback: Sequence[tuple[str, str]],
                    current_entries: Iterable[tuple[str, str]] = (), *, max_attempt_chars: int = 1500,
                    max_attempts: int = 2, max_items: int = 3) -> str:
-    """The insight-reflection prompt (§3.4). `current_entries` are (kind, text) pairs, kind strategy|lesson.
+    """The insight-reflection prompt (docs/method.md §8). `current_entries` are (kind, text) pairs, kind strategy|lesson.
 
     Untrusted texts are joined by concatenation, never passed through `.format`.
     """
@@ -358,7 +358,7 @@ def insight_prompt(problem_text: str, passing_attempts: Sequence[str],
 
 
 def behavior_prompt(member_texts: Sequence[str], *, max_members: int = 8, max_member_chars: int = 300) -> str:
-    """The behavior-abstraction prompt (§3.5): one general habit shared by advice from different problems."""
+    """The behavior-abstraction prompt (docs/method.md §9): one general habit shared by advice from different problems."""
     notes = [f"{i}. " + " ".join(cut_attempt(text, max_member_chars).split())
              for i, text in enumerate(member_texts[:max_members], 1)]
     return "\n".join([

@@ -6,7 +6,7 @@ A grid folder holds:
     configs/ARM-sS.yaml  each run's full config (what `pmd train` is given)
     runs/ARM-sS/       each run's ordinary run folder (metrics, rollouts, memory, checkpoints, report)
     logs/ARM-sS.log    each run's console output
-    base_eval/         the initial model's held-out evaluation, shared by the arms of a seed (pmd/base_eval.py)
+    base_eval/         the initial model's held-out evaluation, shared by the arms of a seed (base_eval.py)
     results.md/.csv    the table: final held-out accuracy per arm, mean and 95% CI over seeds, and the
                        difference to SDPO and to GRPO paired by seed
 
@@ -35,6 +35,7 @@ import yaml
 
 from pmd import config as config_mod
 from pmd.config import ConfigError
+from pmd.console import say
 
 # Each arm is a set of config keys on top of the grid's shared config.
 ARMS: dict[str, dict] = {
@@ -226,8 +227,8 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
                 status.append((arm, seed, "done"))
             else:
                 todo.append((arm, seed, config_path))
-    _say(f"grid {folder}: {len(grid.arms)} arms x {len(grid.seeds)} seeds; {len(status)} done, "
-         f"{len(todo)} to run, {jobs} at once")
+    say(f"grid {folder}: {len(grid.arms)} arms x {len(grid.seeds)} seeds; {len(status)} done, "
+        f"{len(todo)} to run, {jobs} at once")
     if dry_run:
         return status + [(a, s, "todo") for a, s, _ in todo]
 
@@ -236,7 +237,7 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
         log = folder / "logs" / f"{name}.log"
         t0 = time.time()
         # the child imports the same pmd as this process (a pinned checkout stays pinned)
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         with open(log, "a") as out:
@@ -254,14 +255,14 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
         while pending:
             done, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
             if not done:  # a heartbeat: where the running runs are
-                _say("  running: " + ", ".join(_progress(folder, grid, arm, seed) for arm, seed, _ in
-                                              (pending[f] for f in pending if f.running())))
+                say("  running: " + ", ".join(_progress(folder, grid, arm, seed) for arm, seed, _ in
+                                             (pending[f] for f in pending if f.running())))
             for future in done:
                 pending.pop(future)
                 arm, seed, what = future.result()
                 finished += 1
                 status.append((arm, seed, what))
-                _say(f"[{finished}/{total}] {grid.run_name(arm, seed)}: {what}")
+                say(f"[{finished}/{total}] {grid.run_name(arm, seed)}: {what}")
                 write_results(folder)  # the table grows as runs finish
     return status
 
@@ -271,10 +272,10 @@ def _progress(folder: Path, grid: Grid, arm: str, seed: int) -> str:
     from pmd.runlog import RunDir
 
     name = grid.run_name(arm, seed)
-    rows = RunDir(folder / "runs" / name).read("metrics.jsonl")
+    rows = RunDir(folder / "runs" / name).metrics()
     steps = grid.config.get("steps", config_mod.Config().steps)
     text = f"{name} step {max((r.get('step', 0) for r in rows), default=0)}/{steps}"
-    evals = [r["eval_accuracy"] for r in rows if "eval_accuracy" in r]
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
     return text + (f" (last eval {evals[-1]:.3f})" if evals else "")
 
 
@@ -306,8 +307,8 @@ class RunResult:
     arm: str
     seed: int
     path: Path
-    evals: list[dict]  # rows with step, rollouts, eval_accuracy, eval_accuracy_greedy (step order)
-    diagnostics: dict = field(default_factory=dict)
+    evals: list[dict]  # rows with step, rollouts, eval/accuracy, eval/accuracy_greedy (step order)
+    diagnostics: dict = field(default_factory=dict)  # DIAGNOSTICS column -> mean over training steps
     finished: bool = False
     wall_minutes: float = float("nan")
 
@@ -320,8 +321,11 @@ class RunResult:
         return self.evals[0] if self.evals and self.evals[0]["step"] == 0 else {}
 
 
-DIAGNOSTICS = ("teacher_signal_fraction", "teacher_prefers_pass", "teacher_lift_prefers_pass",
-               "teacher_student_divergence", "reward_mean", "completion_clipped_fraction")
+# Results columns (results.csv, `summarize` rows) -> the metric each one averages over training steps.
+DIAGNOSTICS = {"teacher_signal_fraction": "teacher/signal_fraction", "teacher_prefers_pass": "teacher/prefers_pass",
+               "teacher_lift_prefers_pass": "teacher/lift_prefers_pass",
+               "teacher_student_divergence": "teacher/divergence", "reward_mean": "train/reward_mean",
+               "completion_clipped_fraction": "train/completion_clipped_fraction"}
 
 
 def load_run(path: str | Path) -> RunResult:
@@ -333,19 +337,20 @@ def load_run(path: str | Path) -> RunResult:
     run = RunDir(path)
     cfg = run.read_config()
     per_step = cfg.problems_per_step * cfg.group_size
-    rows = run.read("metrics.jsonl")
-    evals = [{"step": r["step"], "rollouts": r["step"] * per_step, "eval_accuracy": r["eval_accuracy"],
-              "eval_accuracy_greedy": r.get("eval_accuracy_greedy")}
-             for r in rows if "eval_accuracy" in r]
-    train_rows = [r for r in rows if r.get("step", 0) > 0 and "loss" in r]
+    rows = run.metrics()
+    evals = [{"step": r["step"], "rollouts": r["step"] * per_step, "eval/accuracy": r["eval/accuracy"],
+              "eval/accuracy_greedy": r.get("eval/accuracy_greedy")}
+             for r in rows if "eval/accuracy" in r]
+    train_rows = [r for r in rows if r.get("step", 0) > 0 and "train/loss" in r]
     diagnostics = {}
-    for key in DIAGNOSTICS:
-        values = [r[key] for r in train_rows if isinstance(r.get(key), (int, float))]
+    for column, metric in DIAGNOSTICS.items():
+        values = [r[metric] for r in train_rows if isinstance(r.get(metric), (int, float))]
         if values:
-            diagnostics[key] = sum(values) / len(values)
-    calls = sum(r.get("reflect/calls", 0) for r in train_rows)
+            diagnostics[column] = sum(values) / len(values)
+    calls = sum(r.get("memory/reflect_calls", 0) for r in train_rows)
     if calls:
-        diagnostics["reflect_parse_fail_rate"] = sum(r.get("reflect/parse_fail", 0) for r in train_rows) / calls
+        fails = sum(r.get("memory/reflect_parse_fail", 0) for r in train_rows)
+        diagnostics["reflect_parse_fail_rate"] = fails / calls
     summary_path = Path(path) / "summary.json"
     finished = summary_path.exists()
     wall = sum(r.get("time/step", 0) + r.get("time/eval", 0) for r in train_rows) / 60
@@ -377,7 +382,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
-def summarize(results: list[RunResult], metric: str = "eval_accuracy") -> list[dict]:
+def summarize(results: list[RunResult], metric: str = "eval/accuracy") -> list[dict]:
     """One row per arm: final held-out accuracy over seeds, and the paired difference to each baseline.
 
     Only finished runs count, so every arm is compared at the same (final) evaluation point.
@@ -393,7 +398,7 @@ def summarize(results: list[RunResult], metric: str = "eval_accuracy") -> list[d
         seeds = sorted(runs)
         row = {"arm": arm, "seeds": len(seeds), "rollouts": runs[seeds[0]].final["rollouts"]}
         row["accuracy"], row["accuracy_ci"] = mean_ci([runs[s].final[metric] for s in seeds])
-        greedy = [runs[s].final.get("eval_accuracy_greedy") for s in seeds]
+        greedy = [runs[s].final.get("eval/accuracy_greedy") for s in seeds]
         row["greedy"], row["greedy_ci"] = mean_ci([g for g in greedy if g is not None])
         before = [runs[s].before.get(metric) for s in seeds if runs[s].before]
         row["before"], _ = mean_ci(before)
@@ -402,7 +407,7 @@ def summarize(results: list[RunResult], metric: str = "eval_accuracy") -> list[d
                       for s in seeds if base in by_arm and s in by_arm[base]]
             row[f"vs_{base}"], row[f"vs_{base}_ci"] = mean_ci(paired) if arm != base else (float("nan"),) * 2
             row[f"vs_{base}_pairs"] = len(paired) if arm != base else 0
-        for key in DIAGNOSTICS + ("reflect_parse_fail_rate",):
+        for key in (*DIAGNOSTICS, "reflect_parse_fail_rate"):
             values = [runs[s].diagnostics[key] for s in seeds if key in runs[s].diagnostics]
             row[key] = sum(values) / len(values) if values else float("nan")
         row["minutes_per_run"] = sum(runs[s].wall_minutes for s in seeds) / len(seeds)
@@ -498,13 +503,9 @@ def per_seed_markdown(results: list[RunResult], arms: list[str]) -> list[str]:
             if run is None:
                 cells.append("–")
                 continue
-            before = run.before.get("eval_accuracy")
+            before = run.before.get("eval/accuracy")
             start = f"{_pct(before)} → " if before is not None else ""
-            cells.append(f"{start}{_pct(run.final['eval_accuracy'])} "
-                         f"({_pct(run.final.get('eval_accuracy_greedy'))})")
+            cells.append(f"{start}{_pct(run.final['eval/accuracy'])} "
+                         f"({_pct(run.final.get('eval/accuracy_greedy'))})")
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
-
-
-def _say(msg: str) -> None:
-    print(msg, flush=True)
