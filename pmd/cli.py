@@ -137,8 +137,10 @@ def _eval(model: str, args: list[str]) -> None:
         torch.set_num_threads(cfg.threads)
     task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
     problems = task.problems("eval", cfg.eval_problems)
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype)
+    from pmd.hardware import resolve_dtype
+
+    dtype, _ = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    lm, tokenizer = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
     result = evaluate(lm, tokenizer, task, problems, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
                       top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens,
                       batch_size=cfg.generation_batch_size, seed=cfg.seed + 1)

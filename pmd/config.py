@@ -41,9 +41,11 @@ class Config:
     # ---------------------------------------------------------------- model
     model: str = _f("smollm2-135m-instruct", "Packaged model name (see `pmd models list`), local folder, "
                                              "Hugging Face id, or `tiny-random` (tests).")
-    dtype: Literal["bfloat16", "float32"] = _f(
-        "bfloat16", "Compute dtype. bfloat16 runs matmuls in bf16 under autocast while trainable weights "
-                    "and optimizer state stay float32 (pure-bf16 AdamW would round small updates away).")
+    dtype: Literal["auto", "bfloat16", "float32"] = _f(
+        "auto", "Compute dtype. auto: bfloat16 where the device computes it natively (CUDA with bf16, CPUs with "
+                "AVX512-BF16 or AMX), float32 elsewhere (pmd/hardware.py); the run header says which and why. "
+                "bfloat16 runs matmuls in bf16 under autocast while trainable weights and optimizer state stay "
+                "float32 (pure-bf16 AdamW would round small updates away).")
     attn_implementation: str = _f(
         "auto", "Attention kernel (transformers' attn_implementation): auto = eager on CPU, where it trains "
                 "~10% faster than sdpa at short sequences (benchmarks/mfu.py), sdpa on GPU; or sdpa, eager, "
@@ -90,7 +92,18 @@ class Config:
     # ---------------------------------------------------------------- grpo
     grpo_clip_low: float = _f(0.2, "PPO clip epsilon below 1.")
     grpo_clip_high: float = _f(0.28, "PPO clip epsilon above 1.")
-    grpo_weight: float = _f(0.0, "Weight lambda of the GRPO term in sdpo: (1-l)*distill + l*grpo.")
+
+    # ---------------------------------------------------------------- sdpo/pmd objective
+    objective: Literal["distill", "route", "signed"] = _f(
+        "distill", "How sdpo/pmd learn from the teacher (docs/method.md §5). distill: match the teacher's "
+                   "distribution, (1-grpo_weight)*distill + grpo_weight*GRPO. route: GRPO on passing rollouts "
+                   "and on those without a teacher signal, distillation on failing ones (SRPO). signed: GRPO whose "
+                   "per-token advantage is the group advantage times a bounded teacher/student probability "
+                   "ratio: the reward sets the sign, the teacher the size (RLSD).")
+    grpo_weight: float = _f(0.0, "objective=distill: weight lambda of the GRPO term, (1-l)*distill + l*grpo.")
+    distill_warmup_steps: int = _f(0, "Steps of GRPO alone before the objective starts (an RL-only warm-up).")
+    credit_clip: float = _f(2.0, "objective=signed: the teacher's per-token weight exp(sign(A)*(log p_T - "
+                                 "log p_S)) is clipped to [1/credit_clip, credit_clip].")
 
     # ---------------------------------------------------------------- sdpo self-teacher
     distillation_topk: int = _f(100, "Student top-k support of the divergence (0 = full vocabulary).")
@@ -100,8 +113,17 @@ class Config:
     teacher_model_kind: Literal["ema", "live", "base"] = _f(
         "ema", "Teacher weights: EMA of the student, the live student, or the initial weights.")
     teacher_update_rate: float = _f(0.05, "EMA rate tau: teacher <- (1-tau)*teacher + tau*student.")
-    use_feedback: bool = _f(True, "Show the verifier feedback of a failed rollout to its teacher when no "
-                                  "successful sibling exists (SDPO: feedback only without a solution).")
+    teacher_feedback: Literal["auto", "verbatim", "outcome", "off"] = _f(
+        "auto", "The verifier feedback a failed rollout's teacher may read when no demonstration exists "
+                "(docs/method.md §4). verbatim: as the verifier wrote it (SDPO). outcome: only that the attempt "
+                "failed. auto: verbatim when it says more than the outcome (failing tests), none when it only "
+                "restates the rollout's answer (\"The answer 7 is incorrect.\", which a small teacher copies). "
+                "off: never.")
+    demonstration_form: Literal["inline", "turn"] = _f(
+        "turn", "How a demonstration reaches the teacher. inline: inside the user message under \"Correct "
+                "solution:\", followed by the instruction (SDPO). turn: as an earlier assistant turn that ends "
+                "the way a completion ends (its end-of-turn token), then the instruction as a new user turn "
+                "(inline lowered p(EOS) where the student stopped; docs/method.md §16).")
     teacher_prefix_sharing: bool = _f(
         True, "Teacher forward encodes each distinct teacher prompt once and runs the completions that share it "
               "against its cached keys/values (same logits, fewer tokens computed; docs/method.md §13).")
@@ -145,6 +167,11 @@ class Config:
     dedup_threshold: float = _f(0.9, "Cosine similarity at which a new insight or behavior merges into an old one.")
     behavior_token_budget: int = _f(256, "Teacher-prompt tokens for behaviors at most.")
     insight_token_budget: int = _f(512, "Teacher-prompt tokens for strategies and lessons at most.")
+    teacher_memory: Literal["all", "shared"] = _f(
+        "all", "What the pmd teacher may read. all: every level. shared: only knowledge meant to carry over "
+               "(insights and behaviors), no stored solutions, failures or feedback.")
+    show_failure: bool = _f(False, "pmd: also show the problem's latest stored failed attempt, labelled as one "
+                                   "to avoid (MOPD).")
     feedback_source: Literal["memory", "own"] = _f(
         "memory", "Feedback shown when no demonstration fits: the latest stored failure's (shared by the group) "
                   "or the rollout's own (SDPO's choice).")
@@ -175,7 +202,7 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
-        for name in ["eval_problems", "eval_every", "eval_samples", "save_every", "warmup_steps",
+        for name in ["eval_problems", "eval_every", "eval_samples", "save_every", "warmup_steps", "distill_warmup_steps",
                      "distillation_topk", "threads", "max_grad_norm", "weight_decay"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
@@ -195,6 +222,8 @@ class Config:
             raise ConfigError("memory_levels: experience is always on (the other levels are built from it)")
         if "behavior" in self.memory_levels and "insight" not in self.memory_levels:
             raise ConfigError("memory_levels: behavior needs insight (behaviors are abstracted from insights)")
+        if self.credit_clip < 1:
+            raise ConfigError(f"credit_clip={self.credit_clip!r}: must be >= 1 (the weight is clipped to [1/c, c])")
         if self.freeze != "none" and self.method != "pmd":
             raise ConfigError(f"freeze={self.freeze!r} is a pmd ablation; use it with method=pmd")
         for name in ["reflect_max_new_tokens", "reflect_attempt_max_chars", "l1_max_pass", "l2_entry_max_tokens",
@@ -240,11 +269,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name}={value!r}: valid choices are {', '.join(map(str, choices))}")
         return value
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
-            return value.lower() in {"true", "1", "yes"}
-        raise ConfigError(f"{name}={value!r}: expected true or false")
+        return _coerce_bool(name, value)
     if tp is int:
         try:
             if isinstance(value, (bool, float)):
@@ -278,10 +303,23 @@ def _coerce(name: str, value: Any) -> Any:
     raise AssertionError(f"unhandled config type {tp} for {name}")  # a new field type needs a branch here
 
 
+def _coerce_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+        return value.lower() in {"true", "1", "yes"}
+    raise ConfigError(f"{name}={value!r}: expected true or false")
+
+
 def _unknown_key(key: str) -> ConfigError:
     close = difflib.get_close_matches(key, fields().keys(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `pmd train --help` lists all keys"
     return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+# Keys that were renamed: old key -> (new key, value mapping). Configs written before (run folders, YAML
+# files) keep working.
+RENAMED_KEYS = {"use_feedback": ("teacher_feedback", lambda on: "verbatim" if on else "off")}
 
 
 def apply(cfg: Config, updates: dict[str, Any]) -> Config:
@@ -289,6 +327,9 @@ def apply(cfg: Config, updates: dict[str, Any]) -> Config:
     known = fields()
     changes = {}
     for key, value in updates.items():
+        if key in RENAMED_KEYS:
+            new_key, convert = RENAMED_KEYS[key]
+            key, value = new_key, convert(_coerce_bool(key, value))
         if key not in known:
             raise _unknown_key(key)
         changes[key] = _coerce(key, value)

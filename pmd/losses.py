@@ -27,7 +27,9 @@ on the *student's* top-k tokens:
 masked, and reduced with :func:`seq_mean_token_mean`.
 
 GRPO (Dr.GRPO style, no std normalisation, no KL term) uses :func:`group_advantages`, :func:`grpo_token_loss` and
-:func:`token_mean`.
+:func:`token_mean`. The reward-anchored objectives reuse them: :func:`route_rows` picks which rows take GRPO and
+which take distillation (SRPO), :func:`signed_token_credit` turns a sequence advantage into per-token ones sized by
+the teacher (RLSD).
 
 Both reducers take an explicit denominator so that gradient accumulation is exact: with the denominator of the whole
 mini-batch, the sum of the micro-batch losses equals the loss of the whole mini-batch.
@@ -56,6 +58,8 @@ __all__ = [
     "grpo_clip_fraction",
     "seq_mean_token_mean",
     "token_mean",
+    "signed_token_credit",
+    "route_rows",
 ]
 
 #: Upper bound on the log of the top-k mass before the tail is formed. Keeps log(1 - mass) finite (>= about -16.1)
@@ -425,6 +429,54 @@ def grpo_clip_fraction(
         keep = torch.broadcast_to(mask != 0, clipped.shape)
         n_clipped = (clipped & keep).sum().to(ratio.dtype)
         return n_clipped / _as_denominator(keep.sum(), ratio)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reward-anchored objectives
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def signed_token_credit(advantages: Tensor, teacher_logp: Tensor, student_logp: Tensor, clip: float = 2.0) -> Tensor:
+    """Per-token advantages whose sign comes from the reward and whose size comes from the teacher (after RLSD,
+    arXiv 2604.03128): ``A_t = A * clamp(exp(sign(A) * (log p_T(y_t) - log p_S(y_t))), 1/clip, clip)``.
+
+    In a passing rollout (A > 0) the tokens the teacher finds likelier than the student get more credit; in a
+    failing one (A < 0) the tokens the teacher finds less likely get more blame. The weight is detached and
+    bounded, so the update never points against the reward and never exceeds ``clip`` times GRPO's.
+
+    Args:
+        advantages: ``[S]`` sequence advantages (group-relative).
+        teacher_logp: ``[S, T]`` the teacher's log-probs of the sampled tokens (with its context).
+        student_logp: ``[S, T]`` the student's log-probs of the same tokens.
+        clip: the weight's bound, >= 1.
+
+    Returns:
+        ``[S, T]`` detached float32 per-token advantages, for :func:`grpo_token_loss`.
+    """
+    if clip < 1:
+        raise ValueError(f"clip must be >= 1, got {clip}")
+    dtype = _compute_dtype(advantages, teacher_logp, student_logp)
+    with torch.no_grad():
+        adv = advantages.detach().to(dtype).unsqueeze(-1)
+        log_ratio = teacher_logp.detach().to(dtype) - student_logp.detach().to(dtype)
+        weight = (torch.sign(adv) * log_ratio).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+        return adv * weight.clamp(1.0 / clip, clip)
+
+
+def route_rows(passed: Tensor, has_teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Which rows learn by GRPO and which by distillation (after SRPO, arXiv 2604.02288): a failing rollout whose
+    teacher has a context is distilled toward it; every other rollout (passing, or without a teacher signal)
+    keeps its GRPO term, so the reward still sets the direction where no teacher can.
+
+    Args:
+        passed: ``[S]`` bool, the rollout passed.
+        has_teacher: ``[S]`` bool, its teacher has a context.
+
+    Returns:
+        ``(grpo_rows, distill_rows)``: two ``[S]`` float 0/1 masks, disjoint, covering every row.
+    """
+    distill = (~passed.bool()) & has_teacher.bool()
+    return (~distill).float(), distill.float()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -74,6 +74,25 @@ def rollout_id(step: int, index: int) -> str:
     return f"{step}-{index}"
 
 
+def answer_token_mask(tokenizer, completion_ids: list[int], answer: str | None) -> list[bool]:
+    """Which completion tokens spell `answer` (the last place it appears in the decoded text): the tokens
+    whose decoded characters overlap it. All False when there is no answer or it is not in the text."""
+    flags = [False] * len(completion_ids)
+    if not answer:
+        return flags
+    # the text after each token, decoded as the rollout's text was (special tokens skipped)
+    ends = [len(tokenizer.decode(completion_ids[:k + 1], skip_special_tokens=True)) for k in range(len(completion_ids))]
+    start = tokenizer.decode(completion_ids, skip_special_tokens=True).rfind(answer)
+    if start < 0:
+        return flags
+    stop = start + len(answer)
+    begin = 0
+    for k, end in enumerate(ends):
+        flags[k] = begin < stop and end > start and end > begin
+        begin = end
+    return flags
+
+
 def sample_seed(*parts) -> int:
     """A 63-bit seed for one row's random stream, from e.g. ("rollout", run seed, step, problem, sample)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

@@ -55,12 +55,13 @@ from pmd.console import say
 from pmd.distributed import Processes, check_processes
 from pmd.evaluate import evaluate
 from pmd.experiments import base_eval
+from pmd.hardware import resolve_dtype
 from pmd.models import load_model_and_tokenizer
-from pmd.rollout import SamplingCopy, encode_chat, generate, rollout_id, sample_seed
+from pmd.rollout import SamplingCopy, answer_token_mask, encode_chat, generate, rollout_id, sample_seed
 from pmd.runlog import RunDir, rng_state, seed_everything
 from pmd.tasks import Problem, Task, load_task, verify_many
-from pmd.teacher import Context, TeacherPrompts, sibling_items
-from pmd.update import Learner, preference_metrics, teacher_preference
+from pmd.teacher import Context, TeacherPrompts, shown_feedback, sibling_items
+from pmd.update import Learner, Rows, preference_metrics, teacher_preference
 
 # Phases of a step that are memory work (time/memory is their sum).
 MEMORY_PHASES = ("memory_observe", "reflect", "consolidate", "teacher_context", "memory_record")
@@ -76,6 +77,7 @@ class Run:
     train_problems: list[Problem]
     eval_problems: list[Problem]
     tokenizer: object
+    dtype: str  # the compute dtype `dtype` resolved to on this device (bfloat16 | float32)
     model: torch.nn.Module  # the policy being trained (LoRA-wrapped, or every weight a float32 master copy)
     sampler: SamplingCopy  # rollouts and evaluation sample from this plain copy of the policy
     learner: Learner  # optimizer, scheduler, teacher weights, the loss
@@ -105,6 +107,7 @@ class Rollouts:
     advantages_b: torch.Tensor
     texts_B: list[str]
     verdicts_B: list
+    feedback_B: list[str]  # the feedback a teacher (and the memory) may read: `teacher_feedback` applied
     lengths_B: list[int]
     finished_B: list[bool]
     passed_B: list[bool]
@@ -122,7 +125,8 @@ def setup(cfg: Config, run_path: str | Path | None = None, processes: Processes 
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=_dtype(cfg),
+    dtype, _ = resolve_dtype(cfg.dtype, processes.device)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=getattr(torch, dtype),
                                                 attn_implementation=_attention(cfg, processes.device))
     model = model.to(processes.device)
     sampler = SamplingCopy(model)
@@ -130,11 +134,12 @@ def setup(cfg: Config, run_path: str | Path | None = None, processes: Processes 
     model = prepare_for_training(model, cfg)
     sampler.sync(model)
     prompts = TeacherPrompts.for_tokenizer(tokenizer, max_tokens=cfg.max_teacher_prompt_tokens, level_budgets={
-        "behavior": cfg.behavior_token_budget, "insight": cfg.insight_token_budget})
+        "behavior": cfg.behavior_token_budget, "insight": cfg.insight_token_budget},
+        demonstration_form=cfg.demonstration_form)
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
     run = Run(cfg, processes, task, task.problems("train", cfg.train_problems),
-              task.problems("eval", cfg.eval_problems) if cfg.eval_problems else [], tokenizer, model, sampler,
-              Learner(cfg, model, processes, tokenizer.pad_token_id, _autocast_dtype(cfg)), prompts,
-              initial=initial)
+              task.problems("eval", cfg.eval_problems) if cfg.eval_problems else [], tokenizer, dtype, model,
+              sampler, Learner(cfg, model, processes, tokenizer.pad_token_id, autocast), prompts, initial=initial)
     if cfg.method == "pmd" and processes.is_main:  # the memory lives in the main process only
         run.memory = _build_memory(run, run_path)
     return run
@@ -150,15 +155,17 @@ def _build_memory(run: Run, run_path):
         run_path = tempfile.mkdtemp(prefix="pmd-memory-")
     source = run.initial or run.sampler  # the current policy by default
     reflect = make_reflector(cfg.reflector, policy=lambda: source.model, tokenizer=run.tokenizer,
-                             load_model=lambda spec: _load_reflector_model(spec, cfg, run.processes.device),
+                             load_model=lambda spec: _load_reflector_model(spec, run),
                              temperature=cfg.reflect_temperature, max_new_tokens=cfg.reflect_max_new_tokens,
                              batch_size=cfg.generation_batch_size)
     return build_memory(MemoryConfig.from_config(cfg), run_path, embedder=cfg.embedder, reflect=reflect,
                         prompts=run.prompts)
 
 
-def _load_reflector_model(spec: str, cfg: Config, device):
-    model, tokenizer = load_model_and_tokenizer(spec, dtype=_dtype(cfg), attn_implementation=_attention(cfg, device))
+def _load_reflector_model(spec: str, run: Run):
+    device = run.processes.device
+    model, tokenizer = load_model_and_tokenizer(spec, dtype=getattr(torch, run.dtype),
+                                                attn_implementation=_attention(run.cfg, device))
     return model.to(device).eval(), tokenizer
 
 
@@ -197,13 +204,11 @@ def train_step(run: Run, step: int) -> tuple[dict, list[dict]]:
     contexts_B = None
     if cfg.method != "grpo":
         contexts_B = run.processes.from_main(lambda: teacher_contexts(run, step, batch, in_prompt, frozen, timer))
-    teacher_prompts_b = [contexts_B[i][1] if contexts_B is not None else None for i in batch.rows_b]
 
     # ---- 5-6. update, teacher EMA, sampling copy (none under freeze=policy: the in-context baseline)
     update_row = {"train/loss": 0.0, "train/grad_norm": 0.0}
     if cfg.freeze != "policy":
-        update_row = run.learner.update(batch.prompts_b, batch.completions_b, batch.advantages_b,
-                                        teacher_prompts_b, timer)
+        update_row = run.learner.update(update_rows(run, batch, contexts_B), step, timer)
         if math.isfinite(update_row["train/grad_norm"]):  # no EMA step after a non-finite gradient
             run.learner.teacher.update(run.model)
         with timer("sync_sampler"):
@@ -241,8 +246,23 @@ def sample_and_verify(run: Run, step: int, in_prompt, timer) -> Rollouts:
     texts_B, verdicts_B, lengths_B, finished_B = procs.concat(
         texts_b, verdicts_b, [len(c) for c in completions_b], finished_b)
     passed_B = [v.reward >= cfg.success_threshold for v in verdicts_B]
+    feedback_B = ["" if ok else shown_feedback(v.feedback, v.extracted, cfg.teacher_feedback)
+                  for v, ok in zip(verdicts_B, passed_B)]
     return Rollouts(problems_P, rows_b, sampling_prompts_b, completions_b, advantages_b, texts_B, verdicts_B,
-                    lengths_B, finished_B, passed_B)
+                    feedback_B, lengths_B, finished_B, passed_B)
+
+
+def update_rows(run: Run, batch: Rollouts, contexts_B) -> Rows:
+    """This process's rollouts with what the update needs of them: teacher prompts, outcomes, answer tokens."""
+    rows_b = batch.rows_b
+    teacher_b = [contexts_B[i] if contexts_B is not None else (None, None) for i in rows_b]
+    with_teacher = run.cfg.method != "grpo"
+    answers_b = [answer_token_mask(run.tokenizer, c, batch.verdicts_B[i].extracted) if with_teacher else []
+                 for c, i in zip(batch.completions_b, rows_b)]
+    return Rows(batch.prompts_b, batch.completions_b, batch.advantages_b, [ids for _, ids in teacher_b],
+                passed=[batch.passed_B[i] for i in rows_b],
+                signal=[c.signal if c is not None and ids is not None else None for c, ids in teacher_b],
+                answer_masks=answers_b, stopped=[batch.finished_B[i] for i in rows_b])
 
 
 def problems_for_step(run: Run, step: int) -> list[Problem]:
@@ -262,8 +282,7 @@ def update_memory(run: Run, step: int, batch: Rollouts, timer) -> None:
     memory, cfg = run.memory, run.cfg
     rewards_B = [v.reward for v in batch.verdicts_B]
     with timer("memory_observe"):
-        gained = memory.observe(step, batch.problems_P, batch.texts_B, rewards_B, batch.passed_B,
-                                [v.feedback for v in batch.verdicts_B])
+        gained = memory.observe(step, batch.problems_P, batch.texts_B, rewards_B, batch.passed_B, batch.feedback_B)
     with timer("reflect"):
         memory.reflect(step, gained, {p.id: run.task.messages(p)[-1]["content"] for p in gained})
     if cfg.behavior_every and step % cfg.behavior_every == 0:
@@ -281,14 +300,14 @@ def teacher_contexts(run: Run, step: int, batch: Rollouts, in_prompt, frozen: bo
     with timer("teacher_context"):
         for k, problem in enumerate(batch.problems_P):
             messages, rows = run.task.messages(problem), slice(k * G, (k + 1) * G)
-            feedback_G = [v.feedback for v in batch.verdicts_B[rows]]
+            feedback_G = batch.feedback_B[rows]
             if in_prompt is not None:
                 group, shared = [in_prompt[0][k]] * G, in_prompt[0][k]
             elif run.memory is not None:
                 group, shared = run.memory.group_contexts(step, problem, messages, batch.texts_B[rows],
                                                           batch.passed_B[rows], feedback_G)
             else:
-                offers = sibling_items(batch.texts_B[rows], batch.passed_B[rows], feedback_G, run.cfg.use_feedback)
+                offers = sibling_items(batch.texts_B[rows], batch.passed_B[rows], feedback_G)
                 group, shared = run.prompts.group(messages, offers), None
             shared_P.append(shared)
             # one token list per distinct context (equal prefixes); none in the in-context baseline
@@ -404,13 +423,14 @@ def _evaluate_initial(run: Run) -> dict:
     """The step-0 evaluation, read from `base_eval_cache` when a run with the same key stored it."""
     cfg, procs = run.cfg, run.processes
     with_memory = cfg.method == "pmd" and (cfg.eval_with_memory or cfg.freeze == "policy")
-    path = None if with_memory else base_eval.cache_path(cfg.to_dict(), procs.world)  # eval/memory_* differ
+    key = {**cfg.to_dict(), "dtype": run.dtype}  # what `auto` resolved to on this machine
+    path = None if with_memory else base_eval.cache_path(key, procs.world)  # eval/memory_* differ
     cached = procs.from_main(lambda: base_eval.load(path))
     if cached is not None:
         return {**cached, "eval/cached": True}
     before = evaluate_run(run, 0)
     if procs.is_main:
-        base_eval.store(path, cfg.to_dict(), before)
+        base_eval.store(path, key, before)
     return before
 
 
@@ -488,6 +508,7 @@ def _start(cfg: Config, explicit_keys: set[str], procs: Processes, tell) -> tupl
     procs.barrier()
     tell(f"run folder: {run_dir.path}  |  method={cfg.method} model={cfg.model} task={cfg.task}"
          + (f"  |  {procs.world} processes" if procs.world > 1 else ""))
+    tell(f"compute: {run.dtype} on {procs.device} ({resolve_dtype(cfg.dtype, procs.device)[1]})")
     return run_dir, run, start
 
 
@@ -566,14 +587,6 @@ class PhaseTimer:
         finally:
             self.seconds[phase] += time.perf_counter() - t
             self.seconds["step"] = time.perf_counter() - self.start
-
-
-def _dtype(cfg: Config) -> torch.dtype:
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-
-
-def _autocast_dtype(cfg: Config) -> torch.dtype | None:
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else None
 
 
 def _attention(cfg: Config, device: torch.device) -> str:

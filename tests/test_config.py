@@ -4,7 +4,7 @@
 import pytest
 
 from pmd import tasks
-from pmd.config import Config, ConfigError, build, help_text
+from pmd.config import Config, ConfigError, apply, build, help_text
 
 
 def test_defaults_match_the_default_task():
@@ -28,8 +28,8 @@ def test_another_task_does_not_inherit_the_default_tasks_parameters(tmp_path):
 def test_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("method: grpo\nsteps: 7\ntask_params: {max_digits: 2}\n")
-    cfg = build([str(path), "steps=9", "learning_rate=1e-4", "use_feedback=false"])
-    assert (cfg.method, cfg.steps, cfg.learning_rate, cfg.use_feedback) == ("grpo", 9, 1e-4, False)
+    cfg = build([str(path), "steps=9", "learning_rate=1e-4", "teacher_feedback=off"])
+    assert (cfg.method, cfg.steps, cfg.learning_rate, cfg.teacher_feedback) == ("grpo", 9, 1e-4, "off")
     assert cfg.task_params == {"max_digits": 2}
 
 
@@ -61,3 +61,10 @@ def test_help_lists_every_key():
     text = help_text()
     for name in Config.__dataclass_fields__:
         assert f"  {name}=" in text
+
+
+def test_a_renamed_key_in_an_old_config_still_means_what_it_meant():
+    assert apply(Config(), {"use_feedback": "false"}).teacher_feedback == "off"
+    assert apply(Config(), {"use_feedback": True}).teacher_feedback == "verbatim"
+    with pytest.raises(ConfigError, match="use_feedback"):
+        apply(Config(), {"use_feedback": "maybe"})

@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from pmd.config import Config, ConfigError, apply
 from pmd.train import Run, save_final, setup, train, train_step
 
+# A random model never answers right: its teacher's only context is the verifier's feedback, shown verbatim.
 TINY = dict(model="tiny-random", steps=4, problems_per_step=2, group_size=4, max_new_tokens=12,
             eval_problems=4, eval_samples=2, eval_every=2, save_every=1, micro_batch_size=4,
-            train_problems=20, threads=1, learning_rate=1e-3, distillation_topk=20)
+            train_problems=20, threads=1, learning_rate=1e-3, distillation_topk=20, teacher_feedback="verbatim")
 
 
 def tiny(tmp_path: Path, **kw) -> Config:
@@ -220,7 +221,8 @@ def test_eval_prints_json(tmp_path):
 
 
 def test_final_model_equals_the_policy_that_was_evaluated(tmp_path):
-    """final/ loaded in bf16 has exactly the weights the sampling copy had (LoRA merged in fp32, rounded once)."""
+    """final/ loaded in the run's dtype has exactly the weights the sampling copy had (LoRA merged in fp32,
+    rounded once)."""
     from pmd.models import load_model_and_tokenizer
 
     run = setup(tiny(tmp_path, learning_rate=1e-2))
@@ -228,6 +230,25 @@ def test_final_model_equals_the_policy_that_was_evaluated(tmp_path):
     train_step(run, 2)
     sampled = {n: p.detach().clone() for n, p in run.sampler.model.named_parameters()}
     save_final(run, tmp_path / "final")
-    loaded, _ = load_model_and_tokenizer(str(tmp_path / "final"), dtype=torch.bfloat16)
+    loaded, _ = load_model_and_tokenizer(str(tmp_path / "final"), dtype=getattr(torch, run.dtype))
     for n, p in loaded.named_parameters():
         assert torch.equal(p, sampled[n]), n
+
+
+@pytest.mark.parametrize("objective", ["route", "signed"])
+def test_reward_anchored_objectives_train_and_diagnose(tmp_path, objective):
+    (tmp_path / "reward.py").write_text(
+        "import hashlib\n"
+        "def score(prompts, completions, **kw):\n"
+        "    return [1.0 if hashlib.sha256(c.encode()).digest()[0] % 3 == 0 else 0.0 for c in completions]\n")
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "Say {i}."}}\n' for i in range(20)))
+    run = setup(tiny(tmp_path, method="sdpo", objective=objective, group_size=6, task=str(tmp_path / "data.jsonl"),
+                     task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"}, distill_warmup_steps=1))
+    first, _ = train_step(run, 1)  # the warm-up: GRPO alone, no teacher forward
+    assert "time/teacher_forward" not in first and "teacher/divergence" not in first
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    row, _ = train_step(run, 2)
+    assert row["teacher/signal_fraction"] > 0 and row["time/teacher_forward"] > 0
+    assert "train/grpo_loss" in row and ("train/distill_loss" in row) == (objective == "route")
+    assert row["train/grad_norm"] > 0 and "teacher/eos_lift" in row
+    assert any(not torch.equal(p, before[n]) for n, p in run.model.named_parameters() if p.requires_grad)

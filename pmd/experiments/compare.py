@@ -40,7 +40,8 @@ from pmd.console import say
 # Each arm is a set of config keys on top of the grid's shared config.
 ARMS: dict[str, dict] = {
     "grpo": {"method": "grpo"},
-    "sdpo": {"method": "sdpo"},
+    # SDPO as published: its reprompt template (demonstration inline), the rollout's own feedback, pure distillation
+    "sdpo": {"method": "sdpo", "demonstration_form": "inline", "teacher_feedback": "verbatim", "objective": "distill"},
     "pmd": {"method": "pmd"},
     "pmd-experience": {"method": "pmd", "memory_levels": ["experience"]},
     "pmd-insight": {"method": "pmd", "memory_levels": ["experience", "insight"]},

@@ -43,8 +43,9 @@ class MemoryConfig:
     l3_topk: int = _default("l3_topk")
     l3_min_sim: float = _default("l3_min_sim")
     # what the teacher context may take from memory
-    use_feedback: bool = _default("use_feedback")
     feedback_source: str = _default("feedback_source")
+    teacher_memory: str = _default("teacher_memory")
+    show_failure: bool = _default("show_failure")
     # token budgets the store enforces per problem (experience, insight) or per level (behavior); None: none
     l1_token_budget: int | None = None
     l2_token_budget: int | None = None

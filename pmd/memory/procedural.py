@@ -189,32 +189,29 @@ class ProceduralMemory:
 
     def group_contexts(self, step: int, problem: Problem, messages: list[dict], texts_G: list[str],
                        passed_G: list[bool], feedback_G: list[str]) -> GroupContexts:
-        """Each rollout's teacher context (docs/method.md, "Teacher context")."""
-        problem_text = messages[-1]["content"]
-        others = self.memory_items(problem, problem_text)
+        """Each rollout's teacher context (docs/method.md §4): the experience item (a demonstration, else
+        feedback), an attempt to avoid (`show_failure`), insights, behaviors, in that priority. With
+        `teacher_memory=shared` only insights and behaviors. `feedback_G` is what the teacher may read."""
+        others = self.memory_items(problem, messages[-1]["content"])
+        if self.cfg.teacher_memory == "shared":
+            per_rollout = self.prompts.group(messages, [others] * len(texts_G))
+            return GroupContexts(per_rollout, next((c for c in per_rollout if c is not None), None))
         experience = self.store.experience(problem.id)
-        stored_passes = sorted((e for e in experience if e["passed"] and e["created_step"] < step),
-                               key=lambda e: (len(e["text"]), e["id"]))
-        # Demonstrations: the shortest stored pass from an earlier step, else current passes, shortest first.
-        demos: list[tuple[Item, int | None]] = [(Item("demonstration", e["text"], e["id"]), None)
-                                                for e in stored_passes[:1]]
-        if not demos:
-            current = sorted((i for i in range(len(texts_G)) if passed_G[i] and strip_thinking(texts_G[i])),
-                             key=lambda i: (len(texts_G[i]), i))
-            demos = [(Item("demonstration", strip_thinking(texts_G[i])), i) for i in current[:2]]
-        feedback = None
-        if self.cfg.use_feedback and self.cfg.feedback_source == "memory":
-            failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
-            feedback = Item("feedback", failure["feedback"], failure["id"]) if failure else None
+        demos = self._demonstrations(step, experience, texts_G, passed_G)
+        stored_failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
+        feedback = (Item("feedback", stored_failure["feedback"], stored_failure["id"])
+                    if stored_failure and self.cfg.feedback_source == "memory" else None)
+        last_failure = next((e for e in experience if not e["passed"]), None)
+        avoid = [Item("failure", last_failure["text"], last_failure["id"])] if self.cfg.show_failure and last_failure \
+            else []
 
         def offer(i: int) -> list[Item]:
             demo = next((item for item, source in demos if source != i), None)
-            own = None
-            if self.cfg.use_feedback and self.cfg.feedback_source == "own" and not passed_G[i] and feedback_G[i]:
-                own = Item("feedback", feedback_G[i])
+            own = Item("feedback", feedback_G[i]) if self.cfg.feedback_source == "own" and not passed_G[i] and \
+                feedback_G[i] else None
             fallback = own or feedback
             # The experience item first (a demonstration, or feedback where no demonstration fits), then the rest.
-            return ([demo] if demo else []) + ([fallback] if fallback else []) + others
+            return ([demo] if demo else []) + ([fallback] if fallback else []) + avoid + others
 
         per_rollout = self.prompts.group(messages, [offer(i) for i in range(len(texts_G))])
         # The group's context for the utility credit: that of a rollout which is no demonstration's source.
@@ -222,6 +219,19 @@ class ProceduralMemory:
         shared = next((c for i, c in enumerate(per_rollout) if c is not None and i not in demo_sources),
                       next((c for c in per_rollout if c is not None), None))
         return GroupContexts(per_rollout, shared)
+
+    @staticmethod
+    def _demonstrations(step: int, experience: list[dict], texts_G: list[str],
+                        passed_G: list[bool]) -> list[tuple[Item, int | None]]:
+        """(demonstration, index of the sibling it is, or None): the shortest stored pass from an earlier
+        step, else this step's passes, shortest first (a rollout is never its own demonstration)."""
+        stored = sorted((e for e in experience if e["passed"] and e["created_step"] < step),
+                        key=lambda e: (len(e["text"]), e["id"]))
+        if stored:
+            return [(Item("demonstration", stored[0]["text"], stored[0]["id"]), None)]
+        current = sorted((i for i in range(len(texts_G)) if passed_G[i] and strip_thinking(texts_G[i])),
+                         key=lambda i: (len(texts_G[i]), i))
+        return [(Item("demonstration", strip_thinking(texts_G[i])), i) for i in current[:2]]
 
     def eval_context(self, problem: Problem, messages: list[dict]) -> Context | None:
         """In-context memory for a held-out problem: behaviors only (it has no experience or insights)."""
@@ -234,8 +244,8 @@ class ProceduralMemory:
         passes = sorted((e for e in experience if e["passed"]), key=lambda e: (len(e["text"]), e["id"]))
         failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         candidates = ([Item("demonstration", passes[0]["text"], passes[0]["id"])] if passes else []) + \
-                     ([Item("feedback", failure["feedback"], failure["id"])] if failure and self.cfg.use_feedback
-                      else []) + self.memory_items(problem, messages[-1]["content"])
+                     ([Item("feedback", failure["feedback"], failure["id"])] if failure else []) + \
+            self.memory_items(problem, messages[-1]["content"])
         return self.prompts.fit(messages, candidates)
 
     # ------------------------------------------------------------------------------------------ record
