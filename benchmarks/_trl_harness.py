@@ -23,23 +23,16 @@ def say(tag: str, msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ problems
 def problem_order(cfg, n_steps: int):
-    """The problems pmd's Trainer would use at steps 1..n_steps, in order (P per step), and the task.
+    """The problems pmd's loop would use at steps 1..n_steps, in order (P per step), and the task.
 
-    Uses pmd's own `Trainer.problems_for_step` on a stand-in object (no model needed); falls back to the pool's
-    first problems if that private layout ever changes.
+    Uses pmd's own `problems_for_step` on a stand-in run (no model needed).
     """
+    from pmd.loop import problems_for_step
     from pmd.tasks import load_task
-    from pmd.train import Trainer
 
     task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
-    pool = task.problems("train", cfg.train_problems)
-    try:
-        stand_in = types.SimpleNamespace(cfg=cfg, train_problems=pool)
-        order = [p for s in range(1, n_steps + 1) for p in Trainer.problems_for_step(stand_in, s)]
-    except Exception as error:  # pmd is being edited concurrently; the exact order is a nicety, not a must
-        say("trl", f"could not reproduce pmd's problem order ({error!r}); using the pool's first problems")
-        order = [pool[i % len(pool)] for i in range(n_steps * cfg.problems_per_step)]
-    return task, order
+    stand_in = types.SimpleNamespace(cfg=cfg, train_problems=task.problems("train", cfg.train_problems))
+    return task, [p for s in range(1, n_steps + 1) for p in problems_for_step(stand_in, s)]
 
 
 class VerifierReward:

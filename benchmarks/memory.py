@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pmd.memory import MemoryStore
-from pmd.train import MEMORY_PHASES
+from pmd.loop import MEMORY_PHASES
 
 
 def fill_behaviors(path: Path, n: int, dims: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,7 +86,7 @@ def step_share(args) -> dict:
         source = f"run {args.run}"
     else:
         from pmd.config import Config, apply
-        from pmd.train import setup, train_step
+        from pmd.loop import setup, train_step
 
         overrides = {"method": "pmd", "threads": args.threads}
         if args.quick:

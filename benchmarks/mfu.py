@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 from pmd.config import Config  # noqa: E402
 from pmd.models import load_model_and_tokenizer  # noqa: E402
-from pmd.train import prepare_for_training  # noqa: E402
+from pmd.loop import prepare_for_training  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

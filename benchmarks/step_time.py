@@ -5,10 +5,10 @@ What is compared
 Five arms, each in its own subprocess (run one after the other, so they never share memory or CPU threads):
 
     trl-grpo   trl.GRPOTrainer / trl.GRPOConfig
-    pmd-grpo   pmd.train.Trainer with method=grpo
+    pmd-grpo   pmd.loop.train_step with method=grpo
     trl-sdpo   trl.experimental.sdpo.SDPOTrainer / trl.experimental.sdpo.SDPOConfig
-    pmd-sdpo   pmd.train.Trainer with method=sdpo
-    pmd-pmd    pmd.train.Trainer with method=pmd (package memory defaults: MiniLM embedder, the policy reflects
+    pmd-sdpo   pmd.loop.train_step with method=sdpo
+    pmd-pmd    pmd.loop.train_step with method=pmd (package memory defaults: MiniLM embedder, the policy reflects
                on its own rollouts, consolidation every 5 steps), held against trl-sdpo. Memory work (observe,
                reflect, consolidate, contexts, record) is inside the timed step.
 
@@ -66,7 +66,7 @@ configurable in TRL):
      and rewards differ between arms; step time grows with completion length, so the mean completion length of
      the timed steps is printed next to each time.
  10. Step boundaries: a TRL step is the interval between two `on_step_end` callbacks (includes the dataloader,
-     Trainer bookkeeping and callbacks); a pmd step is the wall time of `Trainer.train_step` (includes its EMA).
+     Trainer bookkeeping and callbacks); a pmd step is the wall time of `pmd.loop.train_step` (includes its EMA).
 
 Phases: pmd's come from the `time/...` keys of `Trainer.train_step`. TRL's are measured by wrapping trainer
 methods on the instance: generate = `_generate`, verify = `_calculate_rewards`, teacher_context =
@@ -139,19 +139,19 @@ def pmd_config(method: str):
 def run_pmd(method: str, timed_steps: int) -> dict:
     import torch
 
+    from pmd.loop import setup, train_step
     from pmd.metrics import upgrade
-    from pmd.train import Trainer
 
     tag = f"pmd-{method}"
     torch.set_num_threads(THREADS)
     cfg = pmd_config(method)
-    trainer = Trainer(cfg)
+    run = setup(cfg)
     total = 1 + timed_steps
     say(f"[{tag}] training {total} steps (1 warm-up); threads={torch.get_num_threads()}")
     steps = []
     for step in range(1, total + 1):
         t = time.perf_counter()
-        row, _ = trainer.train_step(step)
+        row, _ = train_step(run, step)
         seconds = time.perf_counter() - t
         row = upgrade(row)  # today's metric names, whichever the trainer writes
         phases = {k.removeprefix("time/"): v for k, v in row.items() if k.startswith("time/")}

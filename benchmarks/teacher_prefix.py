@@ -39,7 +39,7 @@ from pmd.models import load_model_and_tokenizer  # noqa: E402
 from pmd.prefix import shared_prefix_completion_logits, tokens_fed  # noqa: E402
 from pmd.rollout import completion_logits, pack  # noqa: E402
 from pmd.teacher import TeacherWeights  # noqa: E402
-from pmd.train import prepare_for_training  # noqa: E402
+from pmd.loop import prepare_for_training  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -104,47 +104,27 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _train(args: list[str]) -> None:
+    from pmd.api import train
+
     cfg = config_mod.build(args)
     explicit = set(config_mod.parse_overrides([a for a in args if "=" in a]))
-    from pmd.distributed import Processes
-    from pmd.train import train
-
-    train(cfg, explicit_keys=explicit)
-    Processes().finish()  # launched with several processes: leave the process group together
+    train({k: getattr(cfg, k) for k in explicit}, base=cfg)
 
 
 def _eval(model: str, args: list[str]) -> None:
+    from pmd.api import evaluate
+
     overrides = config_mod.parse_overrides(args)
     for key in overrides:
         if key not in EVAL_KEYS and key in config_mod.fields():
             raise ConfigError(f"{key!r} is a training key; pmd eval accepts {', '.join(sorted(EVAL_KEYS))}")
-    base = config_mod.Config()
-    run_config = Path(model) / "config.yaml"
-    if run_config.exists():  # a run folder: same task, params and seed (hence held-out set) as its training
-        from pmd.runlog import RunDir
+    from pmd.runlog import RunDir
 
-        base = RunDir(model).read_config()
-        model = str(Path(model) / "final")
-    cfg = config_mod.apply(base, overrides)
-
-    import torch
-
-    from pmd.evaluate import evaluate
-    from pmd.models import load_model_and_tokenizer
-    from pmd.tasks import load_task
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
-    problems = task.problems("eval", cfg.eval_problems)
-    from pmd.hardware import resolve_dtype
-
-    dtype, _ = resolve_dtype(cfg.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    lm, tokenizer = load_model_and_tokenizer(model, dtype=getattr(torch, dtype))
-    result = evaluate(lm, tokenizer, task, problems, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
-                      top_p=cfg.eval_top_p, max_new_tokens=cfg.max_new_tokens,
-                      batch_size=cfg.generation_batch_size, seed=cfg.seed + 1)
-    print(json.dumps({"model": model, "task": cfg.task, **result}))
+    run_folder = (Path(model) / "config.yaml").exists()
+    cfg = RunDir(model).read_config() if run_folder else config_mod.Config()
+    result = evaluate(model, overrides)
+    print(json.dumps({"model": str(Path(model) / "final") if run_folder else model,
+                      "task": overrides.get("task", cfg.task), **result}))
 
 
 def _compare(args, rest: list[str]) -> None:

@@ -36,7 +36,7 @@ class Config:
     output_dir: str = _f("", "Run folder. Empty: runs/<method>-<task>-s<seed>-<time>. An existing run "
                              "folder is resumed from its last checkpoint.")
     seed: int = _f(0, "Seed for data order, sampling, initialisation and evaluation.")
-    threads: int = _f(0, "torch CPU threads (0 = torch's default).")
+    threads: int = _f(0, "torch CPU threads (0 = the cores this process may use, its CPU affinity).")
 
     # ---------------------------------------------------------------- model
     model: str = _f("smollm2-135m-instruct", "Packaged model name (see `pmd models list`), local folder, "
@@ -181,7 +181,8 @@ class Config:
                                        "problems), reported as eval_memory_* next to the memory-free figures.")
 
     # ---------------------------------------------------------------- evaluation
-    eval_every: int = _f(10, "Evaluate every N steps (and always before the first and after the last).")
+    eval_every: int = _f(10, "Evaluate every N steps (and always before the first and after the last; 0: only "
+                             "then).")
     eval_samples: int = _f(4, "Sampled completions per held-out problem for mean@k accuracy (0 = greedy only).")
     eval_temperature: float = _f(0.6, "Sampling temperature for mean@k.")
     eval_top_p: float = _f(0.95, "Nucleus for mean@k.")
@@ -190,8 +191,11 @@ class Config:
                                   "method, memory and optimisation ones must match (pmd/experiments/base_eval.py). `pmd "
                                   "compare` sets GRID/base_eval. Empty: always evaluate.")
 
-    # ---------------------------------------------------------------- run folder
-    save_every: int = _f(5, "Checkpoint every N steps (and at the end).")
+    # ---------------------------------------------------------------- run folder and trackers
+    report_to: str = _f("none", "Experiment trackers that also receive every metrics row: none, or any of "
+                                "tensorboard, wandb, trackio, comma-separated (each an extra: pip install "
+                                "'pmd[wandb]'; pmd/trackers.py).")
+    save_every: int = _f(5, "Checkpoint every N steps (and at the end; 0: only at the end).")
     keep_checkpoints: int = _f(2, "Checkpoints kept on disk (the newest).")
 
     # ------------------------------------------------------------------------------------------------
@@ -222,6 +226,19 @@ class Config:
             raise ConfigError("memory_levels: experience is always on (the other levels are built from it)")
         if "behavior" in self.memory_levels and "insight" not in self.memory_levels:
             raise ConfigError("memory_levels: behavior needs insight (behaviors are abstracted from insights)")
+        for name, low in [("seed", 0), ("lora_alpha", 1), ("learning_rate", 0.0), ("grpo_clip_high", 0.0),
+                          ("distillation_is_clip", 1.0), ("max_teacher_prompt_tokens", 1)]:
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= {low}")
+        for name in ["adam_beta1", "adam_beta2", "grpo_clip_low"]:
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be in [0, 1)")
+        from pmd.trackers import parse_report_to
+
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.credit_clip < 1:
             raise ConfigError(f"credit_clip={self.credit_clip!r}: must be >= 1 (the weight is clipped to [1/c, c])")
         if self.freeze != "none" and self.method != "pmd":

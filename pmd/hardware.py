@@ -45,3 +45,14 @@ def resolve_dtype(spec: str, device: torch.device) -> tuple[str, str]:
     if spec == "bfloat16" and not native:
         return spec, f"dtype=bfloat16 as asked, but {why}; this runs many times slower than dtype=float32"
     return spec, f"dtype={spec} as asked"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow), not the
+    machine's count."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -43,7 +43,10 @@ _RUN = """
 import json, sys
 from pmd import config
 cfg = config.apply(config.Config(), json.loads(sys.argv[1]))
-from pmd.train import train
+try:
+    from pmd.loop import train  # the loop module since the public pmd.train(...) of pmd/api.py
+except ImportError:
+    from pmd.train import train
 train(cfg)
 """
 

@@ -8,8 +8,8 @@ import json
 from pmd.config import Config, apply, fields
 from pmd.experiments import base_eval
 from pmd.runlog import RunDir
-from pmd import train as train_mod
-from pmd.train import train
+from pmd import loop as train_mod
+from pmd.loop import train
 from test_train import TINY
 
 

@@ -345,7 +345,7 @@ def test_sandbox_failure_is_a_verifier_error(monkeypatch, humaneval):
 def test_train_humaneval_with_default_task_params(tmp_path):
     """`pmd train task=humaneval` with the config's default task_params ({}: the task's own defaults)."""
     from pmd.config import Config, apply
-    from pmd.train import train
+    from pmd.loop import train
 
     cfg = apply(Config(), dict(model="tiny-random", task="humaneval", method="sdpo", steps=1, problems_per_step=2,
                                group_size=2, max_new_tokens=8, eval_problems=2, eval_samples=1, micro_batch_size=4,

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import pmd
 from pmd.config import Config, ConfigError, apply
 from pmd.distributed import Processes, check_processes
-from pmd.train import train
+from pmd.loop import train
 
 TIMEOUT = 300  # seconds per launched run (a few seconds each on an idle machine)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from pmd.config import Config, apply
-from pmd.train import train
+from pmd.loop import train
 
 INSIGHT = "1. STRATEGY: Add the two numbers column by column.\n- LESSON: Do not forget the carry digit."
 BEHAVIOR = "BEHAVIOR: Column addition: Add digits column by column and keep the carry.\nWHEN: adding numbers"

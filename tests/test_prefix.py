@@ -14,7 +14,7 @@ from pmd.prefix import (PrefixState, encode_prefix, grouped_prefix_completion_lo
                         shared_prefix_completion_logits, tokens_fed)
 from pmd.rollout import completion_logits, pack
 from pmd.teacher import TeacherWeights
-from pmd.train import prepare_for_training
+from pmd.loop import prepare_for_training
 
 PAD = 0
 FP32_ATOL = 1e-4

@@ -291,7 +291,7 @@ TINY = dict(model="tiny-random", steps=2, problems_per_step=2, group_size=2, max
 
 def short_run(tmp_path, **kw):
     from pmd.config import Config, apply
-    from pmd.train import train
+    from pmd.loop import train
 
     run = train(apply(Config(), {**TINY, "output_dir": str(tmp_path / "run"), **kw}))
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pmd.config import Config, ConfigError, apply
-from pmd.train import Run, save_final, setup, train, train_step
+from pmd.loop import Run, save_final, setup, train, train_step
 
 # A random model never answers right: its teacher's only context is the verifier's feedback, shown verbatim.
 TINY = dict(model="tiny-random", steps=4, problems_per_step=2, group_size=4, max_new_tokens=12,

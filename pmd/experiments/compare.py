@@ -36,6 +36,7 @@ import yaml
 from pmd import config as config_mod
 from pmd.config import ConfigError
 from pmd.console import say
+from pmd.hardware import usable_cores
 
 # Each arm is a set of config keys on top of the grid's shared config.
 ARMS: dict[str, dict] = {
@@ -100,7 +101,7 @@ class Grid:
         if "base_eval_cache" not in self.config:  # the arms of a seed share their step-0 evaluation
             keys["base_eval_cache"] = str(folder / "base_eval")
         if not keys.get("threads"):  # share the cores between the runs that go at once
-            keys["threads"] = max(1, (os.cpu_count() or 1) // max(1, self.jobs))
+            keys["threads"] = max(1, usable_cores() // max(1, self.jobs))
         return config_mod.apply(config_mod.Config(), keys)
 
     def to_dict(self) -> dict:

@@ -43,7 +43,7 @@ ARM_COLORS = {
 }
 SPARE_COLORS = ["#64b5cd", "#c44e52", "#17becf", "#bcbd22", "#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd"]
 
-# Phases of a training step in loop order (pmd/train.py). time/step and time/memory are totals of these and
+# Phases of a training step in loop order (pmd/loop.py). time/step and time/memory are totals of these and
 # time/eval is an evaluation, not training: none of the three is stacked with the phases.
 PHASES = ("generate", "verify", "memory_observe", "reflect", "consolidate", "teacher_context", "memory_record",
           "old_logprobs", "student_forward", "teacher_forward", "loss", "backward", "optimizer", "sync_sampler")

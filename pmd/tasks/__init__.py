@@ -59,6 +59,9 @@ def load_task(name: str, params: dict | None = None, seed: int = 0) -> Task:
         return MathTask.load(params, seed)
     if kind == "custom":
         return CustomTask.load("custom", params, seed)
+    if kind == "python":
+        raise ValueError("task=python: this run's dataset and reward functions were given in Python; resume or "
+                         "evaluate it with pmd.train(..., dataset=..., reward=...) / pmd.evaluate(...)")
     if _looks_like_file(name):
         return load_file_task(name, params, seed)
     return ReasoningGymTask(name, default_params(name, params), seed)
@@ -75,15 +78,35 @@ def load_file_task(path: str, params: dict | None = None, seed: int = 0):
     rows = read_jsonl(path, limit=1)
     if not rows:
         raise DataError(f"{path}: no rows")
-    first = rows[0]
-    if {"tests", "test", "test_list", "public_test_cases"} & first.keys():
-        return CodeTask.from_rows(name, {**params, "path": path}, seed)
-    if {"choices", "options", "answerKey", "ideal"} & first.keys():
-        return MCQTask.load({**params, "path": path}, seed, name=name)
-    if {"answer", "final_answer", "solution"} & first.keys():
-        return MathTask.load({**params, "path": path}, seed, name=name)
-    raise ValueError(f"task={path!r}: give task_params reward_fn=module:function, or use columns pmd knows "
-                     "(tests for code, choices + answerKey for multiple choice, answer for math)")
+    loader = _loader_for_columns(rows[0])
+    if loader is None:
+        raise ValueError(f"task={path!r}: give task_params reward_fn=module:function, or use columns pmd knows "
+                         "(tests for code, choices + answerKey for multiple choice, answer for math)")
+    return loader(name, {**params, "path": path}, seed)
+
+
+def task_from_rows(name: str, rows: list[dict], source: str, params: dict, seed: int = 0, rewards=None) -> Task:
+    """A task over rows given in-process (`pmd.train(dataset=...)`): scored by `rewards` ([(function,
+    weight)]) when given, else by the kind the columns suggest."""
+    if rewards:
+        return CustomTask(name, [{**row, "_row": i + 1} for i, row in enumerate(rows)], source, params, seed,
+                          rewards=rewards)
+    loader = _loader_for_columns(rows[0])
+    if loader is None:
+        raise ValueError("dataset: give reward=, or use columns pmd knows (tests for code, choices + answerKey for "
+                         "multiple choice, answer for math)")
+    return loader(name, {**params, "rows": rows}, seed)
+
+
+def _loader_for_columns(row: dict):
+    """How to load rows with these columns: code, multiple choice or math (None: not one of them)."""
+    if {"tests", "test", "test_list", "public_test_cases"} & row.keys():
+        return CodeTask.from_rows
+    if {"choices", "options", "answerKey", "ideal"} & row.keys():
+        return lambda name, params, seed: MCQTask.load(params, seed, name=name)
+    if {"answer", "final_answer", "solution"} & row.keys():
+        return lambda name, params, seed: MathTask.load(params, seed, name=name)
+    return None
 
 
 def _looks_like_file(name: str) -> bool:

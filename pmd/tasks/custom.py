@@ -37,6 +37,7 @@ import inspect
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from pmd.tasks.base import Problem, RowTask, Verdict
@@ -126,6 +127,10 @@ def normalise_rewards(out, n: int) -> tuple[list[float | None], list[str | None]
     return clean, feedbacks
 
 
+def _name(fn, params: dict) -> str:
+    return params.get("reward_fn") or f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+
+
 def _accepts(fn) -> tuple[set[str], bool]:
     try:
         sig = inspect.signature(fn)
@@ -137,12 +142,17 @@ def _accepts(fn) -> tuple[set[str], bool]:
 
 
 class CustomTask(RowTask):
-    def __init__(self, name: str, rows: list[dict], source: str, params: dict, seed: int = 0):
+    """Rows scored by reward functions with TRL's signature. `rewards`: [(function, weight)] given in-process
+    (pmd.train(..., reward=...)); without it, the one function named by `reward_fn` in the params, weight 1."""
+
+    def __init__(self, name: str, rows: list[dict], source: str, params: dict, seed: int = 0,
+                 rewards: list[tuple[Callable, float]] | None = None):
         check_params(name, params, PARAMS)
-        if not params.get("reward_fn"):
-            raise ValueError(f"task {name!r} needs task_params reward_fn=module:function")
-        self.reward_fn = load_reward_fn(params["reward_fn"])
-        self.names, self.var_kw = _accepts(self.reward_fn)
+        if rewards is None:
+            if not params.get("reward_fn"):
+                raise ValueError(f"task {name!r} needs task_params reward_fn=module:function")
+            rewards = [(load_reward_fn(params["reward_fn"]), 1.0)]
+        self.rewards = [(fn, float(weight), *_accepts(fn)) for fn, weight in rewards]
         self.strict = bool(params.get("strict", False))
         self.clip = bool(params.get("clip_rewards", True))
         super().__init__(name, params, seed)
@@ -188,7 +198,8 @@ class CustomTask(RowTask):
         return self.verify_batch([problem], [response])[0]
 
     def verify_batch(self, problems: list[Problem], responses: list[str]) -> list[Verdict]:
-        """One call of the reward function for the whole batch, as TRL does."""
+        """One call of each reward function for the whole batch, as TRL does; the reward is their weighted sum
+        and the feedback their feedback lines joined."""
         n = len(problems)
         prompts = [self._prompts[p.id] for p in problems]
         completions = [[{"role": "assistant", "content": r}] if isinstance(pr, list) else r
@@ -196,19 +207,20 @@ class CustomTask(RowTask):
         kwargs = {"prompts": prompts, "completions": completions, **_TRL_EXTRAS}
         for key in sorted({k for p in problems for k in p.metadata["columns"]}):
             kwargs.setdefault(key, [p.metadata["columns"].get(key) for p in problems])
-        if not self.var_kw:
-            kwargs = {k: v for k, v in kwargs.items() if k in self.names}
-        try:
-            out = self.reward_fn(**kwargs)
-            rewards, feedbacks = normalise_rewards(out, n)
-        except Exception as error:  # noqa: BLE001 - a user function may raise anything
-            if self.strict:
-                raise
-            what = str(error) if isinstance(error, RewardShapeError) else f"{type(error).__name__}: {error}"
-            message = f"verifier error: reward function {self.params['reward_fn']} {what}"[:500]
-            return [Verdict(0.0, message, None, True) for _ in range(n)]
-        verdicts = []
-        for r, fb in zip(rewards, feedbacks):
-            value = 0.0 if r is None else (min(max(r, 0.0), 1.0) if self.clip else r)
-            verdicts.append(Verdict(value, fb or "", None))
-        return verdicts
+        totals, lines = [0.0] * n, [[] for _ in range(n)]
+        for fn, weight, names, var_kw in self.rewards:
+            try:
+                rewards, feedbacks = normalise_rewards(fn(**(kwargs if var_kw else {k: v for k, v in kwargs.items()
+                                                                                      if k in names})), n)
+            except Exception as error:  # noqa: BLE001 - a user function may raise anything
+                if self.strict:
+                    raise
+                what = str(error) if isinstance(error, RewardShapeError) else f"{type(error).__name__}: {error}"
+                message = f"verifier error: reward function {_name(fn, self.params)} {what}"[:500]
+                return [Verdict(0.0, message, None, True) for _ in range(n)]
+            for i, (r, fb) in enumerate(zip(rewards, feedbacks)):
+                totals[i] += weight * (0.0 if r is None else r)
+                if fb:
+                    lines[i].append(fb)
+        return [Verdict(min(max(r, 0.0), 1.0) if self.clip else r, "\n".join(fb), None)
+                for r, fb in zip(totals, lines)]

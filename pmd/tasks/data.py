@@ -37,11 +37,15 @@ def source_params_help() -> dict[str, str]:
         "config": "dataset configuration name (with dataset)",
         "split": "dataset split to read (with dataset; default train)",
         "limit": "read at most this many rows",
+        "rows": "the rows themselves, given in-process (pmd.train(dataset=...))",
     }
 
 
 def load_rows(params: dict, task: str) -> tuple[list[Row], str]:
-    """(rows, source name) from `path` or `dataset`. Each row gets `_row`, its 1-based position."""
+    """(rows, source name) from `path`, `dataset` or in-process `rows`. Each row gets `_row`, its 1-based
+    position."""
+    if params.get("rows"):
+        return [{**row, "_row": i + 1} for i, row in enumerate(params["rows"])], "dataset"
     path, dataset = params.get("path"), params.get("dataset")
     if bool(path) == bool(dataset):
         raise ValueError(f"task {task!r} needs exactly one of task_params path=FILE.jsonl or dataset=NAME")

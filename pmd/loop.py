@@ -55,12 +55,13 @@ from pmd.console import say
 from pmd.distributed import Processes, check_processes
 from pmd.evaluate import evaluate
 from pmd.experiments import base_eval
-from pmd.hardware import resolve_dtype
+from pmd.hardware import resolve_dtype, usable_cores
 from pmd.models import load_model_and_tokenizer
 from pmd.rollout import SamplingCopy, answer_token_mask, encode_chat, generate, rollout_id, sample_seed
 from pmd.runlog import RunDir, rng_state, seed_everything
 from pmd.tasks import Problem, Task, load_task, verify_many
 from pmd.teacher import Context, TeacherPrompts, shown_feedback, sibling_items
+from pmd.trackers import Trackers, check_installed, parse_report_to
 from pmd.update import Learner, Rows, preference_metrics, teacher_preference
 
 # Phases of a step that are memory work (time/memory is their sum).
@@ -117,14 +118,15 @@ class Rollouts:
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def setup(cfg: Config, run_path: str | Path | None = None, processes: Processes | None = None) -> Run:
-    """Model, sampling copy, learner, task and (pmd) memory of a run, in their initial state."""
+def setup(cfg: Config, run_path: str | Path | None = None, processes: Processes | None = None,
+          task: Task | None = None) -> Run:
+    """Model, sampling copy, learner, task and (pmd) memory of a run, in their initial state. `task` replaces
+    the config's (an in-memory dataset given from Python)."""
     processes = processes or Processes()
     check_processes(cfg, processes.world)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or usable_cores())
     seed_everything(cfg.seed)
-    task = load_task(cfg.task, cfg.task_params, seed=cfg.seed)
+    task = task or load_task(cfg.task, cfg.task_params, seed=cfg.seed)
     dtype, _ = resolve_dtype(cfg.dtype, processes.device)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=getattr(torch, dtype),
                                                 attn_implementation=_attention(cfg, processes.device))
@@ -443,8 +445,9 @@ def _eval_fields(result: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- run
-def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
-    """Run (or resume) a full training run; returns the run folder.
+def train(cfg: Config, explicit_keys: set[str] | None = None, task: Task | None = None) -> Path:
+    """Run (or resume) a full training run; returns the run folder. `task` replaces the config's (`pmd.train`
+    with a dataset given in Python).
 
     Launched with N processes (accelerate launch / torchrun), every process runs this function; the main one
     alone writes the run folder and prints.
@@ -452,20 +455,22 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
     procs = Processes()
     main = procs.is_main
     tell = say if main else (lambda message: None)
-    run_dir, run, start = _start(cfg, explicit_keys or set(), procs, tell)
+    run_dir, run, start = _start(cfg, explicit_keys or set(), procs, tell, task)
     t0 = time.time()
     cfg = run.cfg
+    trackers = Trackers(parse_report_to(cfg.report_to), run_dir.path, cfg.to_dict()) if main else None
     if start == 1 and cfg.eval_problems:
         before = _evaluate_initial(run)
         if main:
             run_dir.append("metrics.jsonl", [{"step": 0, **before}])
+            trackers.log({"step": 0, **before})
         tell(f"held-out accuracy before training: {_fmt_eval(before)}"
              + ("  (computed by another run: base_eval_cache)" if before.get("eval/cached") else ""))
     bar = tqdm(range(start, cfg.steps + 1), initial=start - 1, total=cfg.steps, desc="train", unit="step",
                disable=not main)
     for step in bar:
         row, rollouts = train_step(run, step)  # gathered to the main process (empty elsewhere)
-        if cfg.eval_problems and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if cfg.eval_problems and _every(step, cfg.eval_every, cfg.steps):
             t = time.time()
             row.update(evaluate_run(run, step))
             row["time/eval"] = round(time.time() - t, 3)
@@ -474,28 +479,30 @@ def train(cfg: Config, explicit_keys: set[str] | None = None) -> Path:
             if run.memory is not None:
                 run_dir.append("reflections.jsonl", run.memory.take_log())
             run_dir.append("metrics.jsonl", [row])
+            trackers.log(row)
             bar.write(_step_line(row, cfg))
-        if step == cfg.steps or step % cfg.save_every == 0:
+        if _every(step, cfg.save_every, cfg.steps):
             save_checkpoint(run, run_dir, step, time.time() - t0)
     bar.close()
     if main:
+        trackers.close()
         _finish(run, run_dir, time.time() - t0, tell)
     procs.barrier()
     return run_dir.path
 
 
-def _start(cfg: Config, explicit_keys: set[str], procs: Processes, tell) -> tuple[RunDir, Run, int]:
+def _start(cfg: Config, explicit_keys: set[str], procs: Processes, tell, task) -> tuple[RunDir, Run, int]:
     """The run folder, the run in its initial or checkpointed state, and the first step to run."""
     # the main process decides the folder, the config and whether to resume; every process follows it
     decision = procs.from_main(lambda: _resolve_run(cfg, explicit_keys, procs.world))
-    if isinstance(decision, ConfigError):
+    if isinstance(decision, ValueError):
         raise decision
     cfg, resuming, checkpoint = decision
     run_dir = RunDir(cfg.output_dir)
     if procs.is_main:
         run_dir.write_config(cfg)
         run_dir.restore_memory(checkpoint)  # the memory of the checkpoint, or none: a kill mid-step loses nothing
-    run = setup(cfg, run_dir.path, procs)
+    run = setup(cfg, run_dir.path, procs, task)
     start = 1
     if checkpoint is not None:
         state = load_checkpoint(run, run_dir, checkpoint)  # every process loads it (its own RNG state)
@@ -522,7 +529,8 @@ def _resolve_run(cfg: Config, explicit_keys: set[str], world: int):
         if resuming:
             cfg = run_dir.resume_config(cfg, explicit_keys)
         check_processes(cfg, world)
-    except ConfigError as error:  # raised on every process, not only the main one
+        check_installed(parse_report_to(cfg.report_to))
+    except ValueError as error:  # raised on every process, not only the main one (ConfigError is one)
         return error
     return cfg, resuming, run_dir.latest_checkpoint() if resuming else None
 
@@ -594,6 +602,11 @@ def _attention(cfg: Config, device: torch.device) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     return "eager" if torch.device(device).type == "cpu" else "sdpa"
+
+
+def _every(step: int, period: int, last: int) -> bool:
+    """At every `period`-th step and at the last; `period` 0 means only at the last."""
+    return step == last or (period > 0 and step % period == 0)
 
 
 def _fmt_eval(e: dict) -> str:
