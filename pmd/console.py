@@ -1,8 +1,10 @@
-"""What pmd prints for the user: one function, so lines never break a progress bar and go to one place."""
+"""What pmd prints for the user: its lines in one function (they never break a progress bar), and libraries' own
+progress bars kept out of the way."""
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -13,3 +15,17 @@ def say(message: str, *, stderr: bool = False) -> None:
     stream = sys.stderr if stderr else sys.stdout
     tqdm.write(message, file=stream)
     stream.flush()
+
+
+@contextmanager
+def without_library_bars():
+    """transformers' own progress bars (loading weights, writing shards) off: pmd shows its own."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

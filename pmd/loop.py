@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from tqdm.auto import tqdm
 
 from pmd import losses
 from pmd.config import Config, ConfigError
-from pmd.console import say
+from pmd.console import say, without_library_bars
 from pmd.distributed import Processes, check_processes
 from pmd.evaluate import evaluate
 from pmd.experiments import base_eval
@@ -179,7 +180,9 @@ def prepare_for_training(model, cfg: Config):
         targets = cfg.lora_target_modules
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                           target_modules=targets if targets == "all-linear" else targets.split(","))
-        model = get_peft_model(model, lora)  # adapters are float32 (PEFT's autocast_adapter_dtype)
+        with warnings.catch_warnings():  # PEFT 0.21 reads a property transformers 5.24 deprecates: not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, lora)  # adapters are float32 (PEFT's autocast_adapter_dtype)
     else:
         model = model.to(torch.float32)
         model.requires_grad_(True)
@@ -555,18 +558,21 @@ def load_checkpoint(run: Run, run_dir: RunDir, checkpoint: Path) -> dict:
 
 
 def _finish(run: Run, run_dir: RunDir, wall: float, tell) -> None:
-    """Final model, summary and report of a finished run (main process)."""
+    """Final model, summary and report of a finished run (main process), and one line saying where they are."""
     save_final(run, run_dir.path / "final")
     summary = _summary(run_dir, run.cfg, wall)
     (run_dir.path / "summary.json").write_text(json.dumps(summary, indent=1))
     tell(f"held-out accuracy after training:  {_fmt_eval(summary.get('after', {}))}")
-    tell(f"final model: {run_dir.path / 'final'}  (load with AutoModelForCausalLM.from_pretrained)")
     try:  # a report that cannot be drawn must not fail a finished run
         from pmd.experiments.report import write_report
 
-        tell(f"report: {write_report([run_dir.path])}")
+        report = f"report {write_report([run_dir.path])}"
     except Exception as e:  # noqa: BLE001
-        tell(f"report: not written ({type(e).__name__}: {e}); retry with `pmd report {run_dir.path}`")
+        report = f"no report ({type(e).__name__}: {e}; retry with `pmd report {run_dir.path}`)"
+    path = run_dir.path
+    memory = f", memory {path / 'memory.sqlite'} (`pmd memory show {path}`)" if run.memory is not None else ""
+    tell(f"done: final model {path / 'final'}, {report}{memory}; evaluate with `pmd eval {path}`, compare "
+         f"with `pmd report {path} OTHER_RUN`")
 
 
 def save_final(run: Run, path: Path) -> None:
@@ -575,7 +581,8 @@ def save_final(run: Run, path: Path) -> None:
     if run.cfg.finetune == "lora":
         model = model.merge_and_unload()
     model.config.use_cache = True
-    model.save_pretrained(path)
+    with without_library_bars():
+        model.save_pretrained(path)
     run.tokenizer.save_pretrained(path)
 
 

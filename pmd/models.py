@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pmd.console import without_library_bars
 from pmd.packaged_models import PACKAGED_MODELS, build_atomically, did_you_mean, model_folder, pull_model, read_marker
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -134,7 +135,8 @@ def load_model_and_tokenizer(spec: str, dtype: torch.dtype = torch.bfloat16, att
     path = resolve_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
+    with without_library_bars():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
     model.config.use_cache = True
     model.eval()  # dropout off: teacher and student passes must see the same network
     tokenizer.padding_side = "left"  # generation appends on the right

@@ -289,12 +289,18 @@ def convert_gguf(gguf_path: Path, output: Path) -> None:
 
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16)
+    # dequantised in float32, the dtype transformers' GGUF loader computes in (asked for bf16 it warns), then
+    # rounded once to bf16: the same weights, no warning
+    from pmd.console import without_library_bars
+
+    with without_library_bars():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).to(torch.bfloat16)
     # The weights are dequantised now; save_pretrained refuses while a quantizer is attached.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(output)
+    with without_library_bars():
+        model.save_pretrained(output)
     tokenizer.save_pretrained(output)
 
 
