@@ -437,7 +437,38 @@ def plot_diagnostics(groups, colors) -> Plot | None:
                 to_png(fig))
 
 
-PLOTS = (plot_eval, plot_reward, plot_teacher_signal, plot_divergence, plot_memory, plot_time, plot_diagnostics)
+def plot_teacher_direction(groups, colors) -> Plot | None:
+    """8. Does the teacher's context favour passing answers at the answer tokens, and let the student stop?"""
+    panels = [(key, title) for key, title in (
+        ("teacher/answer_lift_gap", "answer tokens: lift on passing minus failing rows"),
+        ("teacher/answer_lift_fail", "answer tokens: lift on failing rows"),
+        ("teacher/eos_lift", "EOS where the student stopped: lift"),
+        ("teacher/answer_divergence_share", "divergence share on answer tokens"))
+        if any(series(r, key) for rs in groups.values() for r in rs)]
+    if not panels:
+        return None
+    rows = (len(panels) + 1) // 2
+    fig, axes = new_figure(8.5, 2.8 * rows, rows, 2)
+    flat = [ax for row in axes for ax in row]
+    for ax, (key, title) in zip(flat, panels):
+        draw_groups(ax, {g: [series(r, key) for r in rs] for g, rs in groups.items()}, colors)
+        if "share" not in key:
+            ax.axhline(0.0, color="#999999", linestyle="--", linewidth=0.8)
+        ax.set(title=title, xlabel="step")
+        ax.legend(loc="best", fontsize=7)
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    return Plot("Teacher direction",
+                "Lift = teacher minus student log-prob of the student's own token (docs/method.md §16). On the "
+                "tokens of the final answer, a helpful teacher raises passing answers and lowers failing ones "
+                "(gap above 0, failing lift below 0). At the end-of-sequence token where the student stopped, a "
+                "negative lift teaches the student to keep going. The divergence share on answer tokens shows "
+                "whether the distillation signal sits on the answer or on the rest of the text.",
+                to_png(fig))
+
+
+PLOTS = (plot_eval, plot_reward, plot_teacher_signal, plot_divergence, plot_memory, plot_time, plot_diagnostics,
+         plot_teacher_direction)
 
 
 def make_plots(runs: list[Run]) -> list[Plot]:
