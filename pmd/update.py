@@ -95,7 +95,7 @@ class Learner:
         """grpo for method=grpo and during the RL-only warm-up; else the configured objective."""
         if self.cfg.method == "grpo" or step <= self.cfg.distill_warmup_steps:
             return "grpo"
-        return self.cfg.objective
+        return self.cfg.resolved_objective()
 
     def update(self, rows: Rows, step: int, timer) -> dict:
         """Loss, backward over micro-batches, optimizer step(s). Returns the update's metrics, over all
