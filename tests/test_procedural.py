@@ -42,37 +42,46 @@ def test_render_orders_sections_and_keeps_untrusted_braces_literal():
 
 
 # ------------------------------------------------------------------------------------------------ fit
+def prompt_words(problem: str):
+    """The whole teacher prompt's length in words, as `fit` is given it (the chat template's role)."""
+    return lambda items: words(render(problem, items))
+
+
 def test_fit_respects_the_budget_and_drops_items_whole():
     problem = "Add 12 and 30."
     items = [Item("demonstration", "word " * 50), Item("strategy", "short strategy here"),
              Item("lesson", "lesson " * 30), Item("behavior", "name: do the thing well")]
     base = words(render(problem, []))
-    ctx = fit(problem, items, words, words, max_tokens=base + 40)
-    assert ctx is not None and ctx.tokens <= base + 40 == base + 40
+    ctx = fit(items, prompt_words(problem), words, max_tokens=base + 40)
+    assert ctx is not None and ctx.tokens <= base + 40
+    assert ctx.tokens == words(render(problem, ctx.items))  # the length it reports is the prompt it admitted
     kinds = [i.kind for i in ctx.items]
     assert "demonstration" not in kinds and "lesson" not in kinds  # too long: dropped, never cut
     assert kinds == ["strategy", "behavior"]
-    assert ctx.text.startswith(problem) and ctx.text.endswith("Correctly solve the original question.")
-    assert "word word" not in ctx.text
+    text = render(problem, ctx.items)
+    assert text.startswith(problem) and text.endswith("Correctly solve the original question.")
+    assert "word word" not in text
 
 
 def test_fit_level_budgets_and_priority():
-    problem = "P"
     items = [Item("strategy", "a b c d"), Item("lesson", "e f g h"), Item("behavior", "n: i j k"),
              Item("behavior", "m: l m n")]
-    ctx = fit(problem, items, words, words, max_tokens=1000, level_budgets={"insight": 5, "behavior": 4})
+    ctx = fit(items, prompt_words("P"), words, max_tokens=1000, level_budgets={"insight": 5, "behavior": 4})
     assert [i.text for i in ctx.items] == ["a b c d", "n: i j k"]
 
 
 def test_fit_never_cuts_the_problem():
     long_problem = "word " * 100
-    assert fit(long_problem, [Item("strategy", "a b c d")], words, words, max_tokens=50) is None
-    assert fit("short", [], words, words, max_tokens=50) is None  # no memory: no context
+    assert fit([Item("strategy", "a b c d")], prompt_words(long_problem), words, max_tokens=50) is None
+    assert fit([], prompt_words("short"), words, max_tokens=50) is None  # no memory: no context
 
 
 def test_fit_keeps_one_experience_item():
-    ctx = fit("P", [Item("demonstration", "d"), Item("feedback", "f")], words, words, max_tokens=100)
+    ctx = fit([Item("demonstration", "d"), Item("feedback", "f")], prompt_words("P"), words, max_tokens=100)
     assert [i.kind for i in ctx.items] == ["demonstration"]
+    ctx = fit([Item("failure", "x"), Item("failure", "y"), Item("strategy", "s")], prompt_words("P"), words,
+              max_tokens=100)
+    assert [i.text for i in ctx.items] == ["x", "s"]  # one attempt to avoid
 
 
 # ------------------------------------------------------------------------------------------------ clustering
