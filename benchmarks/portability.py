@@ -9,7 +9,8 @@ What it shows:
   - pmd's GRPO step with dtype=auto (the default), float32 and bfloat16: the ratio default / float32 (a CPU
     without native bf16 should be near 1: auto picks float32 there);
   - the same steps while one busy single-threaded process runs beside them (a `while True` loop): the ratio
-    busy / alone, for the thread settings pmd could use (its default, one thread fewer, OpenMP passive wait);
+    busy / alone, for pmd's default `threads=0` (threads follow the cores others leave idle, pmd/hardware.py)
+    and the fixed settings it was chosen over (one thread per core, one fewer, OpenMP passive waiting);
   - TRL's GRPOTrainer on the same settings (benchmarks/_trl_harness.py), alone and busy, so each ratio has a
     peer measured on the same hardware in the same run.
 Every arm runs in a fresh process; its steps are timed after one warm-up step, and the median is reported.
@@ -75,12 +76,15 @@ def child(side: str, keys: dict, steps: int, result_file: str) -> None:
         from pmd.loop import setup, train_step
 
         run = setup(cfg)
-        seconds = []
+        seconds, threads = [], []
         for step in range(1, steps + 2):
             t = time.perf_counter()
             train_step(run, step)
             seconds.append(time.perf_counter() - t)
-    Path(result_file).write_text(json.dumps({"seconds": seconds, "threads": torch.get_num_threads()}))
+            threads.append(torch.get_num_threads())
+        Path(result_file).write_text(json.dumps({"seconds": seconds, "threads": threads}))
+        return
+    Path(result_file).write_text(json.dumps({"seconds": seconds, "threads": [torch.get_num_threads()] * len(seconds)}))
 
 
 # ------------------------------------------------------------------------------------------------ parent
@@ -102,7 +106,7 @@ def run_arm(side: str, keys: dict, steps: int, busy: bool, env_extra: dict | Non
             hog.kill()
     timed = out["seconds"][1:]  # the first step is the warm-up
     return {"median_step_seconds": statistics.median(timed), "step_seconds": [round(s, 2) for s in out["seconds"]],
-            "threads": out["threads"]}
+            "threads": out["threads"][-1], "threads_per_step": out["threads"]}
 
 
 def main() -> None:
@@ -122,18 +126,27 @@ def main() -> None:
           f"torch {cpu['torch']} ({cpu['torch_cpu_capability']}); dtype=auto -> {cpu['dtype_auto'][0]} "
           f"({cpu['dtype_auto'][1]})", flush=True)
     cores = cpu["cores_usable"]
-    arms = [("pmd", "auto (default)", {"dtype": "auto"}, None), ("pmd", "float32", {"dtype": "float32"}, None),
+    # threads=0 (the default) follows the idle cores each step; the fixed settings are what it was chosen over
+    arms = [("pmd", "default (dtype=auto, threads=0)", {"dtype": "auto"}, None),
+            ("pmd", "float32", {"dtype": "float32"}, None),
             ("pmd", "bfloat16", {"dtype": "bfloat16"}, None),
-            ("pmd", f"float32, threads={max(1, cores - 1)}", {"dtype": "float32", "threads": max(1, cores - 1)}, None),
-            ("pmd", "float32, OMP_WAIT_POLICY=PASSIVE", {"dtype": "float32"}, {"OMP_WAIT_POLICY": "PASSIVE"})]
+            ("pmd", f"float32, threads={cores} fixed", {"dtype": "float32", "threads": cores}, None),
+            ("pmd", f"float32, threads={max(1, cores - 1)} fixed", {"dtype": "float32", "threads": max(1, cores - 1)},
+             None),
+            ("pmd", f"float32, threads={cores} fixed, OMP_WAIT_POLICY=PASSIVE", {"dtype": "float32", "threads": cores},
+             {"OMP_WAIT_POLICY": "PASSIVE"})]
     if not args.quick:
         arms += [("trl", "float32", {"dtype": "float32"}, None), ("trl", "bfloat16", {"dtype": "bfloat16"}, None)]
+    # Where bf16 is emulated a bf16 step takes minutes: time one step alone, enough to show the ratio to fp32.
+    emulated = cpu["dtype_auto"][0] != "bfloat16"
     results = []
     for side, label, keys, env in arms:
-        row = {"side": side, "setting": label}
-        for load in ("alone", "busy"):
+        slow = emulated and keys["dtype"] == "bfloat16"
+        row = {"side": side, "setting": label + (" (emulated: 1 step, alone only)" if slow else "")}
+        for load in ("alone",) if slow else ("alone", "busy"):
             print(f"  {side} {label}, {load} ...", flush=True)
-            row[load] = run_arm(side, keys, steps, busy=load == "busy", env_extra=env)
+            row[load] = run_arm(side, keys, 1 if slow else steps, busy=load == "busy", env_extra=env)
+            print(f"    {row[load].get('step_seconds') or row[load]['error']}", flush=True)
         results.append(row)
     print(table(results, cpu), flush=True)
     if args.out:
@@ -143,17 +156,19 @@ def main() -> None:
 
 def table(results: list[dict], cpu: dict) -> str:
     def seconds(row, load):
-        return row[load].get("median_step_seconds")
+        return row.get(load, {}).get("median_step_seconds")
 
     fp32 = next(seconds(r, "alone") for r in results if r["side"] == "pmd" and r["setting"] == "float32")
-    lines = ["", "| side | setting | alone s | busy s | busy / alone | alone / pmd float32 |", "|---|---|---|---|---|---|"]
+    lines = ["", "| side | setting | alone s | busy s | busy / alone | alone / pmd float32 | threads alone / busy |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         alone, busy = seconds(r, "alone"), seconds(r, "busy")
-        cells = [f"{alone:.1f}" if alone else "failed", f"{busy:.1f}" if busy else "failed",
-                 f"{busy / alone:.2f}" if alone and busy else "-", f"{alone / fp32:.2f}" if alone and fp32 else "-"]
+        cells = [f"{alone:.1f}" if alone else "failed", f"{busy:.1f}" if busy else ("failed" if "busy" in r else "-"),
+                 f"{busy / alone:.2f}" if alone and busy else "-", f"{alone / fp32:.2f}" if alone and fp32 else "-",
+                 " / ".join(str(r[load].get("threads", "-")) for load in ("alone", "busy") if load in r)]
         lines.append(f"| {r['side']} | {r['setting']} | " + " | ".join(cells) + " |")
-    lines.append(f"\nsettings: {json.dumps(SETTINGS)}; threads: pmd's `threads` (default: {cpu['cores_usable']} "
-                 "usable cores); busy = one `while True` process beside the step")
+    lines.append(f"\nsettings: {json.dumps(SETTINGS)}; {cpu['cores_usable']} usable cores; threads: those of the timed "
+                 "steps (last one); busy = one `while True` process beside the step")
     return "\n".join(lines)
 
 

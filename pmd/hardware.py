@@ -8,6 +8,9 @@ a CUDA device that supports it, or a CPU with AVX512-BF16 or AMX (x86) or BF16 (
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 
 _CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (/proc/cpuinfo "flags"), Arm ("Features")
@@ -50,9 +53,61 @@ def resolve_dtype(spec: str, device: torch.device) -> tuple[str, str]:
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow), not the
     machine's count."""
-    import os
-
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------------------------ threads
+def threads_for(cores: int, others_busy: float) -> int:
+    """Threads for the next step: the usable cores that other processes left idle (at least one)."""
+    return max(1, min(cores, round(cores - others_busy)))
+
+
+class CoreShare:
+    """`threads=0` on a CPU: before each step, as many torch threads as the cores that other processes left idle
+    during the previous one (measured from /proc/stat over this process's cores, minus this process's own time).
+
+    Why not simply one thread per core: torch's threads meet at the end of every parallel region, so when a
+    busy process takes one of the cores the thread sharing it holds all the others back. Measured on 2 cores:
+    a 2-thread step beside one busy process took 3.6x its time alone, where a fair share is 2x
+    (docs/benchmarks.md, benchmarks/portability.py). Two pmd processes on the same cores settle at one each.
+    Where /proc/stat cannot be read (not Linux), it keeps one thread per usable core.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:
+            self.cpus = list(range(os.cpu_count() or 1))
+        self.last = self._snapshot()
+
+    def _snapshot(self) -> tuple[float, float | None, float]:
+        return time.monotonic(), busy_seconds(self.cpus), time.process_time()
+
+    def threads(self) -> int:
+        """Threads for the step about to run, from the load since the last call."""
+        (wall0, busy0, own0), (wall1, busy1, own1) = self.last, self._snapshot()
+        self.last = (wall1, busy1, own1)
+        if busy0 is None or busy1 is None or wall1 - wall0 < 1.0:
+            return len(self.cpus)
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
+        return threads_for(len(self.cpus), others)
+
+
+def busy_seconds(cpus: list[int], stat: str = "/proc/stat") -> float | None:
+    """CPU seconds spent busy (not idle, not waiting for I/O) on `cpus` since boot, all processes together."""
+    try:
+        with open(stat) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    wanted = {f"cpu{i}" for i in cpus}
+    ticks = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name in wanted:  # user nice system idle iowait irq softirq steal (guest time is inside user)
+            values = [int(v) for v in fields[:8]]
+            ticks += sum(values) - values[3] - values[4]
+    return ticks / os.sysconf("SC_CLK_TCK")

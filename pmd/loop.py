@@ -56,7 +56,7 @@ from pmd.console import say, without_library_bars
 from pmd.distributed import Processes, check_processes
 from pmd.evaluate import evaluate
 from pmd.experiments import base_eval
-from pmd.hardware import resolve_dtype, usable_cores
+from pmd.hardware import CoreShare, resolve_dtype, usable_cores
 from pmd.models import load_model_and_tokenizer
 from pmd.rollout import SamplingCopy, answer_token_mask, encode_chat, generate, rollout_id, sample_seed
 from pmd.runlog import RunDir, rng_state, seed_everything
@@ -86,6 +86,7 @@ class Run:
     prompts: TeacherPrompts  # fits teacher contexts into the teacher prompt budget
     memory: object | None = None  # pmd: the procedural memory (main process only)
     initial: SamplingCopy | None = None  # freeze=reflector: the initial weights write the reflections
+    cores: CoreShare | None = None  # threads=0 on CPU: threads follow the cores other processes leave idle
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         return encode_chat(self.tokenizer, self.task.messages(problem))
@@ -142,7 +143,8 @@ def setup(cfg: Config, run_path: str | Path | None = None, processes: Processes 
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
     run = Run(cfg, processes, task, task.problems("train", cfg.train_problems),
               task.problems("eval", cfg.eval_problems) if cfg.eval_problems else [], tokenizer, dtype, model,
-              sampler, Learner(cfg, model, processes, tokenizer.pad_token_id, autocast), prompts, initial=initial)
+              sampler, Learner(cfg, model, processes, tokenizer.pad_token_id, autocast), prompts, initial=initial,
+              cores=CoreShare() if cfg.threads == 0 and processes.device.type == "cpu" else None)
     if cfg.method == "pmd" and processes.is_main:  # the memory lives in the main process only
         run.memory = _build_memory(run, run_path)
     return run
@@ -195,6 +197,8 @@ def train_step(run: Run, step: int) -> tuple[dict, list[dict]]:
     """One step of the loop (see the module docstring). Returns the metrics row and the rollout rows on the
     main process (empty ones elsewhere)."""
     cfg, timer = run.cfg, PhaseTimer()
+    if run.cores is not None:  # threads=0: leave the cores other processes keep busy to them (pmd/hardware.py)
+        torch.set_num_threads(run.cores.threads())
 
     # ---- 1-2. rollouts, memory-free, and their verdicts (the whole batch on every process)
     in_prompt = in_context_prompts(run, step, timer) if cfg.freeze == "policy" else None
@@ -226,6 +230,7 @@ def train_step(run: Run, step: int) -> tuple[dict, list[dict]]:
     if not run.processes.is_main:
         return {}, []
     row = step_metrics(run, step, batch, update_row, contexts_B, preference, frozen, timer)
+    row["train/threads"] = torch.get_num_threads()
     return row, rollout_rows(step, batch, contexts_B, in_prompt, with_memory_ids=cfg.method == "pmd")
 
 

@@ -1,0 +1,70 @@
+"""Per-run diagnostics of a `pmd compare` grid that the results table does not show.
+
+    python docs/results/diagnose.py GRID_FOLDER            # e.g. runs/smollm2-chain-sum-revisit
+
+For every run it prints
+  - the training reward per epoch over the training pool (every problem is revisited once per epoch, so epochs
+    2+ measure the revisited problems, sampled at the training temperature);
+  - how often the teacher's context held memory read back from earlier epochs (insight entries, stored
+    demonstrations), and the behaviors that formed;
+  - the teacher-direction diagnostics (docs/method.md §16), means over training steps: answer-token lift on
+    passing vs failing rollouts, the change of log p(EOS) where the student stopped, per context kind.
+It reads config.yaml and metrics.jsonl (run folders older than the metric namespaces included).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from pmd.metrics import upgrade
+
+DIAGNOSTICS = ["teacher/signal_fraction", "teacher/context_insight_fraction", "teacher/context_behavior_fraction",
+               "teacher/answer_lift_pass", "teacher/answer_lift_fail", "teacher/answer_lift_gap",
+               "teacher/demonstration_eos_lift", "teacher/memory_eos_lift", "teacher/feedback_eos_lift",
+               "train/completion_clipped_fraction"]
+
+
+def config_value(run: Path, key: str) -> int:
+    match = re.search(rf"^{key}:\s*(\d+)", (run / "config.yaml").read_text(), re.M)
+    return int(match.group(1))
+
+
+def mean(values: list[float]) -> str:
+    return f"{statistics.mean(values):+.2f}" if values else "–"
+
+
+def main(grid: Path) -> None:
+    runs = sorted(p.parent for p in grid.glob("runs/*/metrics.jsonl"))
+    rows_of = {run: [upgrade(json.loads(line)) for line in open(run / "metrics.jsonl")] for run in runs}
+    steps_of = {run: [r for r in rows if r.get("step", 0) > 0 and "train/reward_mean" in r]
+                for run, rows in rows_of.items()}
+
+    print("Training reward per epoch (epoch 1 = first visit; later epochs revisit the same problems):\n")
+    print("| run | " + " | ".join(f"epoch {e}" for e in range(1, 5)) + " | insight entries | behaviors |")
+    print("|---|---|---|---|---|---|---|")
+    for run in runs:
+        per_epoch = max(1, config_value(run, "train_problems") // config_value(run, "problems_per_step"))
+        epochs: dict[int, list[float]] = {}
+        for r in steps_of[run]:
+            epochs.setdefault((r["step"] - 1) // per_epoch + 1, []).append(r["train/reward_mean"])
+        last = steps_of[run][-1] if steps_of[run] else {}
+        cells = [f"{statistics.mean(epochs[e]):.2f}" if e in epochs else "–" for e in range(1, 5)]
+        print(f"| {run.name} | " + " | ".join(cells) +
+              f" | {last.get('memory/insight_entries', '–')} | {last.get('memory/behavior_entries', '–')} |")
+
+    print("\nTeacher diagnostics, means over training steps (nats; lift = teacher − student log-prob):\n")
+    print("| run | " + " | ".join(k.split("/")[1] for k in DIAGNOSTICS) + " |")
+    print("|---" * (len(DIAGNOSTICS) + 1) + "|")
+    for run in runs:
+        cells = [mean([r[k] for r in steps_of[run] if isinstance(r.get(k), (int, float))]) for k in DIAGNOSTICS]
+        print(f"| {run.name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not Path(sys.argv[1], "runs").is_dir():
+        sys.exit(__doc__)
+    main(Path(sys.argv[1]))
