@@ -17,7 +17,11 @@ def test_train_then_eval_real_model(tmp_path, method):
     run = tmp_path / method
     settings = ["steps=1", "problems_per_step=2", "group_size=4", "max_new_tokens=32", "eval_problems=4",
                 "eval_samples=1", "threads=2", f"method={method}", f"output_dir={run}"]
-    subprocess.run([sys.executable, "-m", "pmd", "train", *settings], check=True)
+    printed = subprocess.run([sys.executable, "-m", "pmd", "train", *settings], check=True, capture_output=True,
+                             text=True)
+    # a default run prints pmd's own lines and bars only: no library warning, no library progress bar
+    for noise in ("Warning", "warn(", "Loading weights", "Writing model shards"):
+        assert noise not in printed.stdout + printed.stderr, noise
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1]
     assert {"train/loss", "train/reward_mean", "eval/accuracy"} <= rows[1].keys()

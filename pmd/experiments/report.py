@@ -262,6 +262,16 @@ def new_figure(width: float, height: float, rows: int = 1, cols: int = 1):
     return fig, axes
 
 
+def panels_plot(fig: Figure, flat: list, used: int, title: str, caption: str) -> Plot:
+    """A grid of panels as a Plot: legends on the used panels, the unused ones hidden."""
+    for i, ax in enumerate(flat):
+        if i < used:
+            ax.legend(loc="best", fontsize=7)
+        else:
+            ax.set_visible(False)
+    return Plot(title, caption, to_png(fig))
+
+
 def to_png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", facecolor="white")
@@ -424,17 +434,13 @@ def plot_diagnostics(groups, colors) -> Plot | None:
         if reference is not None:
             ax.axhline(reference, color="#999999", linestyle="--", linewidth=0.8)
         ax.set(title=title, xlabel="step", ylim=FRACTION)
-        ax.legend(loc="best", fontsize=7)
-    for ax in flat[len(panels):]:
-        ax.set_visible(False)
-    return Plot("Diagnostics",
-                "Teacher prefers pass: over (passing, failing) rollout pairs of a group, the fraction in which the "
-                "teacher gives the passing one the higher mean log-prob; lift prefers pass compares teacher minus "
-                "student log-prob, which is the direction the distillation gradient pushes. Near 0.5 (dashed) the "
-                "context does not help the teacher tell good from bad rollouts. Context levels: the fraction of "
-                "rollouts whose teacher prompt held each memory level (line style = level; mean over seeds). "
-                "Parse-fail rate: reflection outputs that yielded no kept entry, per reflection call.",
-                to_png(fig))
+    return panels_plot(fig, flat, len(panels), "Diagnostics",
+                       "Teacher prefers pass: over (passing, failing) rollout pairs of a group, the fraction in which the "
+                       "teacher gives the passing one the higher mean log-prob; lift prefers pass compares teacher minus "
+                       "student log-prob, which is the direction the distillation gradient pushes. Near 0.5 (dashed) the "
+                       "context does not help the teacher tell good from bad rollouts. Context levels: the fraction of "
+                       "rollouts whose teacher prompt held each memory level (line style = level; mean over seeds). "
+                       "Parse-fail rate: reflection outputs that yielded no kept entry, per reflection call.")
 
 
 def plot_teacher_direction(groups, colors) -> Plot | None:
@@ -455,16 +461,12 @@ def plot_teacher_direction(groups, colors) -> Plot | None:
         if "share" not in key:
             ax.axhline(0.0, color="#999999", linestyle="--", linewidth=0.8)
         ax.set(title=title, xlabel="step")
-        ax.legend(loc="best", fontsize=7)
-    for ax in flat[len(panels):]:
-        ax.set_visible(False)
-    return Plot("Teacher direction",
-                "Lift = teacher minus student log-prob of the student's own token (docs/method.md §16). On the "
-                "tokens of the final answer, a helpful teacher raises passing answers and lowers failing ones "
-                "(gap above 0, failing lift below 0). At the end-of-sequence token where the student stopped, a "
-                "negative lift teaches the student to keep going. The divergence share on answer tokens shows "
-                "whether the distillation signal sits on the answer or on the rest of the text.",
-                to_png(fig))
+    return panels_plot(fig, flat, len(panels), "Teacher direction",
+                       "Lift = teacher minus student log-prob of the student's own token (docs/method.md §16). On the "
+                       "tokens of the final answer, a helpful teacher raises passing answers and lowers failing ones "
+                       "(gap above 0, failing lift below 0). At the end-of-sequence token where the student stopped, a "
+                       "negative lift teaches the student to keep going. The divergence share on answer tokens shows "
+                       "whether the distillation signal sits on the answer or on the rest of the text.")
 
 
 PLOTS = (plot_eval, plot_reward, plot_teacher_signal, plot_divergence, plot_memory, plot_time, plot_diagnostics,

@@ -37,7 +37,10 @@ def make_embedder(spec: str) -> Embedder:
 def sentence_transformer_embedder(path: str | Path, batch_size: int = 64) -> Embedder:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(path), device="cpu")
+    from pmd.console import without_library_bars
+
+    with without_library_bars():  # transformers' "Loading weights" bar: pmd prints its own lines
+        model = SentenceTransformer(str(path), device="cpu")
 
     def embed(texts: list[str]) -> np.ndarray:
         if not texts:
