@@ -72,6 +72,7 @@ def child(side: str, keys: dict, steps: int, result_file: str) -> None:
                           "threads": cfg.threads or usable_cores()})
         out = _trl_harness.run("grpo", cfg, steps)
         seconds = [s["seconds"] for s in out["steps"]]
+        threads = [torch.get_num_threads()] * len(seconds)
     else:
         from pmd.loop import setup, train_step
 
@@ -81,10 +82,8 @@ def child(side: str, keys: dict, steps: int, result_file: str) -> None:
             t = time.perf_counter()
             train_step(run, step)
             seconds.append(time.perf_counter() - t)
-            threads.append(torch.get_num_threads())
-        Path(result_file).write_text(json.dumps({"seconds": seconds, "threads": threads}))
-        return
-    Path(result_file).write_text(json.dumps({"seconds": seconds, "threads": [torch.get_num_threads()] * len(seconds)}))
+            threads.append(torch.get_num_threads())  # threads=0 may change it from step to step
+    Path(result_file).write_text(json.dumps({"seconds": seconds, "threads": threads}))
 
 
 # ------------------------------------------------------------------------------------------------ parent

@@ -36,7 +36,10 @@ class Config:
     output_dir: str = _f("", "Run folder. Empty: runs/<method>-<task>-s<seed>-<time>. An existing run "
                              "folder is resumed from its last checkpoint.")
     seed: int = _f(0, "Seed for data order, sampling, initialisation and evaluation.")
-    threads: int = _f(0, "torch CPU threads. 0: before each step, the cores this process may use (its CPU affinity) that other processes left idle during the previous step (at least 1), so a step beside a busy job does not wait on a shared core; a fixed N keeps N (bit-exact reruns under any load).")
+    threads: int = _f(0, "torch CPU threads. 0: before each step, the cores this process may use (its CPU "
+                         "affinity) that other processes left idle during the previous step (at least 1), so a "
+                         "step beside a busy job does not wait on a shared core; a fixed N keeps N (bit-exact "
+                         "reruns under any load).")
 
     # ---------------------------------------------------------------- model
     model: str = _f("smollm2-135m-instruct", "Packaged model name (see `pmd models list`), local folder, "

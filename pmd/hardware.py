@@ -50,13 +50,18 @@ def resolve_dtype(spec: str, device: torch.device) -> tuple[str, str]:
     return spec, f"dtype={spec} as asked"
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow), not the
-    machine's count."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its CPU affinity, which containers and `taskset` narrow), not the
+    machine's."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    """How many cores this process may run on."""
+    return len(usable_cpus())
 
 
 # ------------------------------------------------------------------------------------------------ threads
@@ -71,16 +76,13 @@ class CoreShare:
 
     Why not simply one thread per core: torch's threads meet at the end of every parallel region, so when a
     busy process takes one of the cores the thread sharing it holds all the others back. Measured on 2 cores:
-    a 2-thread step beside one busy process took 3.6x its time alone, where a fair share is 2x
+    a 2-thread step beside one busy process took 4.2x its time alone, where a fair share is 2x; with this, 1.2x
     (docs/benchmarks.md, benchmarks/portability.py). Two pmd processes on the same cores settle at one each.
     Where /proc/stat cannot be read (not Linux), it keeps one thread per usable core.
     """
 
     def __init__(self) -> None:
-        try:
-            self.cpus = sorted(os.sched_getaffinity(0))
-        except AttributeError:
-            self.cpus = list(range(os.cpu_count() or 1))
+        self.cpus = usable_cpus()
         self.last = self._snapshot()
 
     def _snapshot(self) -> tuple[float, float | None, float]:
