@@ -111,6 +111,10 @@ class Config:
     distill_warmup_steps: int = _f(0, "Steps of GRPO alone before the objective starts (an RL-only warm-up).")
     credit_clip: float = _f(2.0, "objective=signed: the teacher's per-token weight exp(sign(A)*(log p_T - "
                                  "log p_S)) is clipped to [1/credit_clip, credit_clip].")
+    distill_unranked: float = _f(
+        0.0, "objective=signed: weight of a distillation term on the rollouts the reward cannot rank (their group "
+             "all passed or all failed, advantage 0, no GRPO gradient) whose teacher has a context: there memory "
+             "is the only signal. The student's stop token is not distilled (docs/method.md §5). 0: off.")
 
     # ---------------------------------------------------------------- sdpo self-teacher
     distillation_topk: int = _f(100, "Student top-k support of the divergence (0 = full vocabulary).")
@@ -214,7 +218,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
         for name in ["eval_problems", "eval_every", "eval_samples", "save_every", "warmup_steps", "distill_warmup_steps",
-                     "distillation_topk", "threads", "max_grad_norm", "weight_decay"]:
+                     "distillation_topk", "threads", "max_grad_norm", "weight_decay", "distill_unranked"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
         for name in ["distillation_alpha", "teacher_update_rate", "grpo_weight", "success_threshold",

@@ -59,6 +59,7 @@ __all__ = [
     "seq_mean_token_mean",
     "token_mean",
     "signed_token_credit",
+    "unranked_distill_mask",
     "route_rows",
 ]
 
@@ -461,6 +462,31 @@ def signed_token_credit(advantages: Tensor, teacher_logp: Tensor, student_logp: 
         log_ratio = teacher_logp.detach().to(dtype) - student_logp.detach().to(dtype)
         weight = (torch.sign(adv) * log_ratio).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
         return adv * weight.clamp(1.0 / clip, clip)
+
+
+def unranked_distill_mask(mask: Tensor, advantages: Tensor, stopped: Tensor) -> Tensor:
+    """The tokens that `distill_unranked` distils: those of rollouts the reward cannot rank (advantage 0: every
+    rollout of their group scored the same, so GRPO and signed credit give them no gradient), without the
+    end-of-sequence token of a rollout that stopped.
+
+    Memory is what PMD has that GRPO lacks on such a group: insights written at an earlier visit, a pass stored
+    then. The stop is left out because a teacher reading memory without a solution lowers p(EOS) where the
+    student stopped (0.6-0.7 nats on SmolLM2-135M, README Results), which would teach the student to run on.
+
+    Args:
+        mask: ``[S, T]`` completion tokens (1) and padding (0).
+        advantages: ``[S]`` group advantages.
+        stopped: ``[S]`` bool, the completion ends with its EOS token (it was not cut at the length limit).
+
+    Returns:
+        ``[S, T]`` float mask.
+    """
+    unranked = (advantages == 0).to(mask.dtype)[:, None]
+    lengths = mask.sum(dim=-1).long()  # completions are left-aligned: the last real token is at length - 1
+    last = torch.zeros_like(mask)
+    has_stop = stopped.bool() & (lengths > 0)
+    last[has_stop, lengths[has_stop] - 1] = 1
+    return mask * unranked * (1 - last)
 
 
 def route_rows(passed: Tensor, has_teacher: Tensor) -> tuple[Tensor, Tensor]:

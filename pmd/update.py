@@ -172,7 +172,7 @@ class Learner:
                     [rows.completions[micro[j]] for j in step.teacher_rows])
         with timer("loss"):
             if step.teacher_rows:
-                self.teacher_scores(step, with_grad=objective != "signed")
+                self.teacher_scores(step, with_grad=objective != "signed" or self.cfg.distill_unranked > 0)
             loss, metrics = self.objective_loss(objective, step, rows)
             if step.teacher_rows:
                 self.record_teacher(step, rows, metrics)
@@ -199,14 +199,22 @@ class Learner:
                 credit[step.teacher_rows, :r] = losses.signed_token_credit(
                     step.advantages[step.teacher_rows], step.teacher_logp, step.logp[step.teacher_rows, :r],
                     cfg.credit_clip)
-            return grpo(credit), metrics
-        distill = self.distillation_loss(step, metrics, failing_only=rows.passed if objective == "route" else None)
+            if not cfg.distill_unranked:
+                return grpo(credit), metrics
+            # where the reward ranks no rollout, memory is the only signal (docs/method.md §5)
+            keep = self.teacher_mask(step, rows, unranked=True)
+            metrics["train/unranked_rows"] = float(keep.any(dim=-1).sum()) if keep is not None else 0.0
+            return grpo(credit) + cfg.distill_unranked * self.distillation_loss(step, metrics, keep), metrics
+        token_mask = self.teacher_mask(step, rows)
         if objective == "route":  # GRPO where the reward is the best signal, distillation on failures
+            passed = torch.tensor([rows.passed[i] for i in step.micro], device=self.device)
             has_teacher = torch.zeros(len(step.micro), dtype=torch.bool, device=self.device)
             has_teacher[step.teacher_rows] = True
-            passed = torch.tensor([rows.passed[i] for i in step.micro], device=self.device)
-            grpo_rows, _ = losses.route_rows(passed, has_teacher)
-            return grpo(step.advantages, grpo_rows) + distill, metrics
+            grpo_rows, distill_rows = losses.route_rows(passed, has_teacher)
+            if token_mask is not None:
+                token_mask = token_mask * distill_rows[step.teacher_rows, None]
+            return grpo(step.advantages, grpo_rows) + self.distillation_loss(step, metrics, token_mask), metrics
+        distill = self.distillation_loss(step, metrics, token_mask)
         grpo_loss = grpo(step.advantages) if cfg.grpo_weight > 0 else step.logits.new_zeros(())
         return (1 - cfg.grpo_weight) * distill + cfg.grpo_weight * grpo_loss, metrics
 
@@ -225,21 +233,26 @@ class Learner:
                 logits = completion_logits(forward, teacher_batch, self.cfg.temperature)
         return logits, teacher_batch
 
-    def distillation_loss(self, step: MicroBatch, metrics: dict, failing_only: list[bool] | None = None
-                          ) -> torch.Tensor:
-        """SDPO's per-token top-k divergence, IS-weighted, sequence-mean token-mean over the rows with a teacher
-        (only the failing ones when given the rows' `passed` flags); a graph-attached zero when there are none."""
+    def teacher_mask(self, step: MicroBatch, rows: Rows, unranked: bool = False) -> torch.Tensor | None:
+        """(t, r) completion tokens of the teacher rows; with `unranked`, only those `distill_unranked` distils."""
+        if not step.teacher_rows:
+            return None
+        mask = step.mask[step.teacher_rows, :step.teacher_batch.completion_len]
+        if not unranked:
+            return mask
+        stopped = torch.tensor([rows.stopped[step.micro[j]] for j in step.teacher_rows], device=self.device)
+        return losses.unranked_distill_mask(mask, step.advantages[step.teacher_rows], stopped)
+
+    def distillation_loss(self, step: MicroBatch, metrics: dict, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """SDPO's per-token top-k divergence, IS-weighted, sequence-mean token-mean over the teacher rows' tokens
+        in `token_mask` ((t, r), from `teacher_mask`); a graph-attached zero when there are none."""
         cfg = self.cfg
         if not step.teacher_rows:
             metrics["train/distill_loss"] = 0.0
             return step.logits.sum() * 0.0
         rows, r = step.teacher_rows, step.teacher_batch.completion_len
-        row_mask = step.mask[rows, :r]
-        if failing_only is not None:
-            failing = torch.tensor([not failing_only[step.micro[j]] for j in rows], device=self.device)
-            row_mask = row_mask * failing[:, None]
         weight = losses.importance_weight(step.logp[rows, :r], step.old[rows, :r], cfg.distillation_is_clip)
-        loss = losses.seq_mean_token_mean(step.divergence * weight, row_mask, num_sequences=step.n_seq)
+        loss = losses.seq_mean_token_mean(step.divergence * weight, token_mask, num_sequences=step.n_seq)
         metrics["train/distill_loss"] = loss.item()
         return loss
 

@@ -56,6 +56,22 @@ def test_route_sends_failures_with_a_teacher_to_distillation_and_everything_else
     assert grpo_rows.tolist() == [1.0, 0.0, 1.0, 1.0] and distill_rows.tolist() == [0.0, 1.0, 0.0, 0.0]
 
 
+def test_unranked_distillation_keeps_zero_advantage_rows_without_their_stop():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float32)
+    advantages = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0])
+    stopped = torch.tensor([True, False, True, True, True])
+    got = losses.unranked_distill_mask(mask, advantages, stopped)
+    expected = torch.zeros_like(mask)
+    for i in range(mask.shape[0]):
+        length = int(mask[i].sum())
+        if advantages[i] != 0:
+            continue  # the reward ranks this rollout: GRPO's term, not distillation
+        keep = length - 1 if stopped[i] and length else length  # its EOS is the last real token
+        expected[i, :keep] = 1
+    assert torch.equal(got, expected)
+    assert got.tolist()[1] == [1, 1, 1, 1]  # cut at the length limit: no stop to leave out
+
+
 # ------------------------------------------------------------------------------------------------ feedback
 @pytest.mark.parametrize("form,feedback,answer,shown", [
     ("verbatim", "The answer 72 is incorrect.", "72", "The answer 72 is incorrect."),

@@ -252,3 +252,21 @@ def test_reward_anchored_objectives_train_and_diagnose(tmp_path, objective):
     assert "train/grpo_loss" in row and ("train/distill_loss" in row) == (objective == "route")
     assert row["train/grad_norm"] > 0 and "teacher/eos_lift" in row
     assert any(not torch.equal(p, before[n]) for n, p in run.model.named_parameters() if p.requires_grad)
+
+
+def test_signed_credit_distils_the_groups_the_reward_cannot_rank(tmp_path):
+    """distill_unranked: the prompts with an even number always pass (their groups have advantage 0 and a
+    sibling demonstration), the others pass at random; the loss is signed GRPO plus the weighted distillation."""
+    (tmp_path / "reward.py").write_text(
+        "import hashlib, re\n"
+        "def score(prompts, completions, **kw):\n"
+        "    even = [int(re.search(r'Say (\\d+)', str(p)).group(1)) % 2 == 0 for p in prompts]\n"
+        "    return [1.0 if e or hashlib.sha256(c.encode()).digest()[0] % 3 == 0 else 0.0\n"
+        "            for e, c in zip(even, completions)]\n")
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "Say {i}."}}\n' for i in range(20)))
+    run = setup(tiny(tmp_path, method="sdpo", objective="signed", distill_unranked=0.5, group_size=4,
+                     problems_per_step=4, task=str(tmp_path / "data.jsonl"),
+                     task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"}))
+    row, _ = train_step(run, 1)
+    assert row["train/distill_loss"] > 0
+    assert row["train/loss"] == pytest.approx(row["train/grpo_loss"] + 0.5 * row["train/distill_loss"], rel=1e-5)
