@@ -8,8 +8,11 @@ For every run it prints
   - how often the teacher's context held memory read back from earlier epochs (insight entries, stored
     demonstrations), and the behaviors that formed;
   - the teacher-direction diagnostics (docs/method.md §16), means over training steps: answer-token lift on
-    passing vs failing rollouts, the change of log p(EOS) where the student stopped, per context kind.
-It reads config.yaml and metrics.jsonl (run folders older than the metric namespaces included).
+    passing vs failing rollouts, the change of log p(EOS) where the student stopped, per context kind;
+  - the groups the reward cannot rank (every rollout passed, or every one failed: GRPO's advantage is 0), what
+    their teachers read, and how many all-failing groups belong to a problem that passed at an earlier visit
+    (the only ones for which memory holds a verified solution).
+It reads config.yaml, metrics.jsonl and rollouts.jsonl (run folders older than the metric namespaces included).
 """
 
 from __future__ import annotations
@@ -62,6 +65,40 @@ def main(grid: Path) -> None:
     for run in runs:
         cells = [mean([r[k] for r in steps_of[run] if isinstance(r.get(k), (int, float))]) for k in DIAGNOSTICS]
         print(f"| {run.name} | " + " | ".join(cells) + " |")
+
+    print("\nGroups the reward cannot rank (advantage 0), and what their rollouts' teachers read:\n")
+    print("| run | groups | all fail | all pass | all fail, solved at an earlier visit | teacher contexts (rollouts) |")
+    print("|---|---|---|---|---|---|")
+    for run in runs:
+        if (run / "rollouts.jsonl").exists():
+            print(unranked_groups(run))
+
+
+def unranked_groups(run: Path) -> str:
+    """One table row: groups the reward cannot rank, and the memory their teachers had."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for line in open(run / "rollouts.jsonl"):
+        r = json.loads(line)
+        groups.setdefault((r["step"], r["problem"]), []).append(r)
+    solved_before: set[str] = set()  # problems with a passing rollout at an earlier step
+    all_fail = all_pass = fail_solved_before = 0
+    contexts: dict[str, int] = {}
+    for step in sorted({s for s, _ in groups}):
+        this_step = {p: g for (s, p), g in groups.items() if s == step}
+        for problem, group in this_step.items():
+            rewards = {r["reward"] for r in group}
+            if len(rewards) > 1:
+                continue
+            if max(r["reward"] for r in group) > 0:
+                all_pass += 1
+            else:
+                all_fail += 1
+                fail_solved_before += problem in solved_before
+            for r in group:
+                contexts[r["teacher_context"]] = contexts.get(r["teacher_context"], 0) + 1
+        solved_before |= {p for p, g in this_step.items() if any(r["reward"] > 0 for r in g)}
+    kinds = ", ".join(f"{k} {v}" for k, v in sorted(contexts.items(), key=lambda kv: -kv[1]))
+    return f"| {run.name} | {len(groups)} | {all_fail} | {all_pass} | {fail_solved_before} | {kinds} |"
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ TRAINING_ONLY = frozenset({
     "l2_max_lessons", "l2_entry_max_tokens", "l3_max_behaviors", "l3_min_problems", "l3_cluster_similarity",
     "l3_max_clusters_per_round", "l3_max_cluster_inputs", "l3_topk", "l3_min_sim", "dedup_threshold",
     "behavior_token_budget", "insight_token_budget", "feedback_source", "embedder", "eval_every", "save_every",
-    "keep_checkpoints",
+    "keep_checkpoints", "report_to",
 })
 
 
