@@ -202,10 +202,13 @@ class Learner:
             if not cfg.distill_unranked:
                 return grpo(credit), metrics
             # where the reward ranks no rollout, memory is the only signal (docs/method.md §5)
-            keep = self.teacher_mask(step, rows, unranked=True)
+            keep = self.teacher_mask(step)
+            if keep is not None:
+                stopped = torch.tensor([rows.stopped[step.micro[j]] for j in step.teacher_rows], device=self.device)
+                keep = losses.unranked_distill_mask(keep, step.advantages[step.teacher_rows], stopped)
             metrics["train/unranked_rows"] = float(keep.any(dim=-1).sum()) if keep is not None else 0.0
             return grpo(credit) + cfg.distill_unranked * self.distillation_loss(step, metrics, keep), metrics
-        token_mask = self.teacher_mask(step, rows)
+        token_mask = self.teacher_mask(step)
         if objective == "route":  # GRPO where the reward is the best signal, distillation on failures
             passed = torch.tensor([rows.passed[i] for i in step.micro], device=self.device)
             has_teacher = torch.zeros(len(step.micro), dtype=torch.bool, device=self.device)
@@ -233,15 +236,12 @@ class Learner:
                 logits = completion_logits(forward, teacher_batch, self.cfg.temperature)
         return logits, teacher_batch
 
-    def teacher_mask(self, step: MicroBatch, rows: Rows, unranked: bool = False) -> torch.Tensor | None:
-        """(t, r) completion tokens of the teacher rows; with `unranked`, only those `distill_unranked` distils."""
+    @staticmethod
+    def teacher_mask(step: MicroBatch) -> torch.Tensor | None:
+        """(t, r) completion tokens of the teacher rows; None without any."""
         if not step.teacher_rows:
             return None
-        mask = step.mask[step.teacher_rows, :step.teacher_batch.completion_len]
-        if not unranked:
-            return mask
-        stopped = torch.tensor([rows.stopped[step.micro[j]] for j in step.teacher_rows], device=self.device)
-        return losses.unranked_distill_mask(mask, step.advantages[step.teacher_rows], stopped)
+        return step.mask[step.teacher_rows, :step.teacher_batch.completion_len]
 
     def distillation_loss(self, step: MicroBatch, metrics: dict, token_mask: torch.Tensor | None) -> torch.Tensor:
         """SDPO's per-token top-k divergence, IS-weighted, sequence-mean token-mean over the teacher rows' tokens

@@ -80,23 +80,19 @@ def unranked_groups(run: Path) -> str:
     for line in open(run / "rollouts.jsonl"):
         r = json.loads(line)
         groups.setdefault((r["step"], r["problem"]), []).append(r)
-    solved_before: set[str] = set()  # problems with a passing rollout at an earlier step
+    solved_before: set[str] = set()  # problems with a passing rollout at an earlier step (one group per step)
     all_fail = all_pass = fail_solved_before = 0
     contexts: dict[str, int] = {}
-    for step in sorted({s for s, _ in groups}):
-        this_step = {p: g for (s, p), g in groups.items() if s == step}
-        for problem, group in this_step.items():
-            rewards = {r["reward"] for r in group}
-            if len(rewards) > 1:
-                continue
-            if max(r["reward"] for r in group) > 0:
-                all_pass += 1
-            else:
-                all_fail += 1
-                fail_solved_before += problem in solved_before
+    for (_, problem), group in sorted(groups.items()):
+        solved = any(r["reward"] > 0 for r in group)
+        if len({r["reward"] for r in group}) == 1:  # the reward cannot rank this group
+            all_pass += solved
+            all_fail += not solved
+            fail_solved_before += not solved and problem in solved_before
             for r in group:
                 contexts[r["teacher_context"]] = contexts.get(r["teacher_context"], 0) + 1
-        solved_before |= {p for p, g in this_step.items() if any(r["reward"] > 0 for r in g)}
+        if solved:
+            solved_before.add(problem)
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(contexts.items(), key=lambda kv: -kv[1]))
     return f"| {run.name} | {len(groups)} | {all_fail} | {all_pass} | {fail_solved_before} | {kinds} |"
 
