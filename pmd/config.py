@@ -183,6 +183,11 @@ class Config:
                "(insights and behaviors), no stored solutions, failures or feedback.")
     show_failure: bool = _f(False, "pmd: also show the problem's latest stored failed attempt, labelled as one "
                                    "to avoid (MOPD).")
+    teacher_reference: bool = _f(
+        False, "pmd, a diagnostic upper bound (not PMD): where no demonstration fits, the teacher reads the task's "
+               "reference answer (\"The correct answer is X.\") instead of stored feedback. It measures what a "
+               "teacher context that knows the answer can teach through distillation at this model size; the "
+               "student and the memory never see it.")
     feedback_source: Literal["memory", "own"] = _f(
         "memory", "Feedback shown when no demonstration fits: the latest stored failure's (shared by the group) "
                   "or the rollout's own (SDPO's choice).")
@@ -252,6 +257,9 @@ class Config:
             raise ConfigError(str(error)) from None
         if self.credit_clip < 1:
             raise ConfigError(f"credit_clip={self.credit_clip!r}: must be >= 1 (the weight is clipped to [1/c, c])")
+        if self.teacher_reference and (self.method != "pmd" or self.teacher_memory != "all"):
+            raise ConfigError("teacher_reference needs method=pmd and teacher_memory=all (it takes the place of "
+                              "the stored feedback)")
         if self.freeze != "none" and self.method != "pmd":
             raise ConfigError(f"freeze={self.freeze!r} is a pmd ablation; use it with method=pmd")
         for name in ["reflect_max_new_tokens", "reflect_attempt_max_chars", "l1_max_pass", "l2_entry_max_tokens",

@@ -46,6 +46,7 @@ FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier 
 INSTRUCTION = "Correctly solve the original question."
 FAILURE_HEADER = "An earlier attempt that was wrong (do not repeat its mistake):"
 OUTCOME_FEEDBACK = "Your earlier attempt was incorrect."
+REFERENCE_FEEDBACK = "The correct answer is {answer}."  # teacher_reference only (an upper bound, not PMD)
 BEHAVIORS_HEADER = "Behaviors that have helped on similar problems:"
 STRATEGIES_HEADER = "Strategies that worked on this problem:"
 LESSONS_HEADER = "Mistakes to avoid on this problem:"

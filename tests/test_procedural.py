@@ -234,3 +234,36 @@ def test_memory_stays_within_its_caps_over_a_long_run(tmp_path):
         assert mem.store.stats()["behavior"]["count"] <= 5
     assert mem.store.stats()["behavior"]["count"] > 0
     assert any(e["action"] == "prune" for e in mem.store.events())
+
+
+def test_teacher_reference_replaces_feedback_only_where_no_demonstration_fits(tmp_path):
+    """The upper-bound probe: an all-fail group's teacher reads the reference answer (never stored in memory);
+    a group with a pass keeps its demonstration."""
+    mem = make_memory(tmp_path, memory_levels="experience", teacher_reference=True)
+    p = problem(3)  # answer "6"
+    texts, passed, feedback = ["5", "7", "8", "9"], [False] * 4, ["The answer 5 is incorrect."] * 4
+    mem.observe(1, [p], texts, [0.0] * 4, passed, feedback)
+    g = mem.group_contexts(1, p, messages(p), texts, passed, feedback)
+    shown = [[(i.kind, i.text) for i in c.items] for c in g.per_rollout]
+    assert shown == [[("feedback", "The correct answer is 6.")]] * 4
+    assert all("The correct answer" not in e["feedback"] for e in mem.store.experience(p.id))
+    texts2, passed2 = ["6", "5", "7", "8"], [True, False, False, False]
+    mem.observe(2, [p], texts2, [float(x) for x in passed2], passed2, ["", "bad", "bad", "bad"])
+    g2 = mem.group_contexts(2, p, messages(p), texts2, passed2, ["", "bad", "bad", "bad"])
+    kinds = [[i.kind for i in c.items] for c in g2.per_rollout]
+    assert kinds[1:] == [["demonstration"]] * 3  # the pass is their demonstration
+    assert kinds[0] == ["feedback"]  # the pass itself has no other demonstration: it reads the answer
+    (tmp_path / "off").mkdir()
+    off = make_memory(tmp_path / "off", memory_levels="experience")
+    off.observe(1, [p], texts, [0.0] * 4, passed, feedback)
+    g_off = off.group_contexts(1, p, messages(p), texts, passed, feedback)
+    assert all(i.text == "The answer 5 is incorrect." for c in g_off.per_rollout for i in c.items)
+
+
+def test_teacher_reference_is_a_pmd_option():
+    from pmd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="teacher_reference"):
+        apply(Config(), {"method": "sdpo", "teacher_reference": True}).validate()
+    with pytest.raises(ConfigError, match="teacher_reference"):
+        apply(Config(), {"method": "pmd", "teacher_memory": "shared", "teacher_reference": True}).validate()

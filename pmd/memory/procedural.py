@@ -31,7 +31,7 @@ from pmd.memory.reflection import (ParseReport, behavior_prompt, copied_from, in
 from pmd.memory.store import MemoryStore, Rollout
 from pmd.rollout import rollout_id
 from pmd.tasks import Problem
-from pmd.teacher import Context, Item, TeacherPrompts, strip_thinking
+from pmd.teacher import REFERENCE_FEEDBACK, Context, Item, TeacherPrompts, strip_thinking
 
 Reflect = Callable[..., list["str | None"]]  # (prompts, seed, fields=None) -> one text (or None) per prompt
 
@@ -201,6 +201,8 @@ class ProceduralMemory:
         stored_failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         feedback = (Item("feedback", stored_failure["feedback"], stored_failure["id"])
                     if stored_failure and self.cfg.feedback_source == "memory" else None)
+        if self.cfg.teacher_reference and problem.answer:  # the upper-bound probe: the answer, not from memory
+            feedback = Item("feedback", REFERENCE_FEEDBACK.replace("{answer}", problem.answer))
         last_failure = next((e for e in experience if not e["passed"]), None)
         avoid = [Item("failure", last_failure["text"], last_failure["id"])] if self.cfg.show_failure and last_failure \
             else []
@@ -209,7 +211,7 @@ class ProceduralMemory:
             demo = next((item for item, source in demos if source != i), None)
             own = Item("feedback", feedback_G[i]) if self.cfg.feedback_source == "own" and not passed_G[i] and \
                 feedback_G[i] else None
-            fallback = own or feedback
+            fallback = feedback if self.cfg.teacher_reference else own or feedback
             # The experience item first (a demonstration, or feedback where no demonstration fits), then the rest.
             return ([demo] if demo else []) + ([fallback] if fallback else []) + avoid + others
 
