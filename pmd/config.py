@@ -115,6 +115,9 @@ class Config:
         0.0, "objective=signed: weight of a distillation term on the rollouts the reward cannot rank (their group "
              "all passed or all failed, advantage 0, no GRPO gradient) whose teacher has a context: there memory "
              "is the only signal. The student's stop token is not distilled (docs/method.md §5). 0: off.")
+    distill_unranked_tokens: Literal["all", "answer"] = _f(
+        "all", "distill_unranked: which tokens of those rollouts are distilled. all: every token but the stop "
+               "token. answer: only the tokens of the final answer the verifier read (none where it found none).")
 
     # ---------------------------------------------------------------- sdpo self-teacher
     distillation_topk: int = _f(100, "Student top-k support of the divergence (0 = full vocabulary).")

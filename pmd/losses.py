@@ -464,7 +464,7 @@ def signed_token_credit(advantages: Tensor, teacher_logp: Tensor, student_logp: 
         return adv * weight.clamp(1.0 / clip, clip)
 
 
-def unranked_distill_mask(mask: Tensor, advantages: Tensor, stopped: Tensor) -> Tensor:
+def unranked_distill_mask(mask: Tensor, advantages: Tensor, stopped: Tensor, answer: Tensor | None = None) -> Tensor:
     """The tokens that `distill_unranked` distils: those of rollouts the reward cannot rank (advantage 0: every
     rollout of their group scored the same, so GRPO and signed credit give them no gradient), without the
     end-of-sequence token of a rollout that stopped.
@@ -477,10 +477,14 @@ def unranked_distill_mask(mask: Tensor, advantages: Tensor, stopped: Tensor) -> 
         mask: ``[S, T]`` completion tokens (1) and padding (0).
         advantages: ``[S]`` group advantages.
         stopped: ``[S]`` bool, the completion ends with its EOS token (it was not cut at the length limit).
+        answer: optional ``[S, T]`` mask of the tokens of the final answer (`distill_unranked_tokens=answer`):
+            only those are kept.
 
     Returns:
         ``[S, T]`` float mask.
     """
+    if answer is not None:
+        mask = mask * answer.to(mask.dtype)
     unranked = (advantages == 0).to(mask.dtype)[:, None]
     lengths = mask.sum(dim=-1).long()  # completions are left-aligned: the last real token is at length - 1
     last = torch.zeros_like(mask)

@@ -205,7 +205,8 @@ class Learner:
             keep = self.teacher_mask(step)
             if keep is not None:
                 stopped = torch.tensor([rows.stopped[step.micro[j]] for j in step.teacher_rows], device=self.device)
-                keep = losses.unranked_distill_mask(keep, step.advantages[step.teacher_rows], stopped)
+                answer = self.answer_mask(step, rows) if cfg.distill_unranked_tokens == "answer" else None
+                keep = losses.unranked_distill_mask(keep, step.advantages[step.teacher_rows], stopped, answer)
             metrics["train/unranked_rows"] = float(keep.any(dim=-1).sum()) if keep is not None else 0.0
             return grpo(credit) + cfg.distill_unranked * self.distillation_loss(step, metrics, keep), metrics
         token_mask = self.teacher_mask(step)
@@ -242,6 +243,16 @@ class Learner:
         if not step.teacher_rows:
             return None
         return step.mask[step.teacher_rows, :step.teacher_batch.completion_len]
+
+    @staticmethod
+    def answer_mask(step: MicroBatch, rows: Rows) -> torch.Tensor:
+        """(t, r) the teacher rows' tokens that spell the final answer the verifier read."""
+        r = step.teacher_batch.completion_len
+        answer = torch.zeros_like(step.mask[step.teacher_rows, :r])
+        for k, j in enumerate(step.teacher_rows):
+            flags = rows.answer_masks[step.micro[j]][:r]
+            answer[k, :len(flags)] = torch.tensor(flags, dtype=answer.dtype)
+        return answer
 
     def distillation_loss(self, step: MicroBatch, metrics: dict, token_mask: torch.Tensor | None) -> torch.Tensor:
         """SDPO's per-token top-k divergence, IS-weighted, sequence-mean token-mean over the teacher rows' tokens
@@ -282,11 +293,8 @@ class Learner:
         for j, t, s in zip(step.teacher_rows, teacher_seq, student_seq):
             self.sequence_logps[step.micro[j]] = (t, s)
         local = [step.micro[j] for j in step.teacher_rows]
-        answer = torch.zeros_like(row_mask)
-        for k, i in enumerate(local):
-            flags = rows.answer_masks[i][:r]
-            answer[k, :len(flags)] = torch.tensor(flags, dtype=row_mask.dtype)
-        metrics.update(teacher_diagnostics(step.teacher_logp, student_logp, divergence, row_mask, answer,
+        metrics.update(teacher_diagnostics(step.teacher_logp, student_logp, divergence, row_mask,
+                                           self.answer_mask(step, rows),
                                            [rows.passed[i] for i in local], [rows.stopped[i] for i in local],
                                            [rows.signal[i] for i in local]))
 

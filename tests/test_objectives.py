@@ -70,6 +70,11 @@ def test_unranked_distillation_keeps_zero_advantage_rows_without_their_stop():
         expected[i, :keep] = 1
     assert torch.equal(got, expected)
     assert got.tolist()[1] == [1, 1, 1, 1]  # cut at the length limit: no stop to leave out
+    # distill_unranked_tokens=answer: only the answer's tokens of those rows (an answer never includes the stop)
+    answer = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]])
+    assert torch.equal(losses.unranked_distill_mask(mask, advantages, stopped, answer), expected * answer)
+    assert losses.unranked_distill_mask(mask, advantages, stopped, answer).tolist()[:2] == \
+        [[0, 1, 0, 0], [0, 0, 1, 1]]
 
 
 # ------------------------------------------------------------------------------------------------ feedback

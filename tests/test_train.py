@@ -270,3 +270,25 @@ def test_signed_credit_distils_the_groups_the_reward_cannot_rank(tmp_path):
     row, _ = train_step(run, 1)
     assert row["train/distill_loss"] > 0
     assert row["train/loss"] == pytest.approx(row["train/grpo_loss"] + 0.5 * row["train/distill_loss"], rel=1e-5)
+
+
+def test_unranked_distillation_can_keep_only_the_answer_tokens(tmp_path, monkeypatch):
+    """distill_unranked_tokens=answer distils only the tokens that spell the answer (here: scripted as the first
+    two of every completion), a part of what `all` distils."""
+    import pmd.loop
+
+    monkeypatch.setattr(pmd.loop, "answer_token_mask", lambda tokenizer, ids, answer: [k < 2 for k in range(len(ids))])
+    (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "Say {i}.", "answer": "{i}"}}\n' for i in range(20)))
+    (tmp_path / "reward.py").write_text("def score(prompts, completions, **kw):\n    return [0.0] * len(prompts)\n")
+    distill = {}
+    for tokens in ("all", "answer"):
+        (tmp_path / tokens).mkdir()
+        config = tiny(tmp_path / tokens, method="pmd", objective="signed", distill_unranked=1.0,
+                      distill_unranked_tokens=tokens, group_size=4, problems_per_step=4, memory_levels="experience",
+                      teacher_reference=True, task=str(tmp_path / "data.jsonl"),
+                      task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"})
+        row, _ = train_step(setup(config), 1)
+        distill[tokens] = row["train/distill_loss"]
+        assert row["train/unranked_rows"] == 16  # every group fails, every teacher reads the reference
+        assert row["train/loss"] == pytest.approx(row["train/grpo_loss"] + row["train/distill_loss"], rel=1e-5)
+    assert 0 < distill["answer"] and distill["answer"] != pytest.approx(distill["all"])
