@@ -254,10 +254,7 @@ def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bo
         return logits_V.argmax(-1)
     probs = torch.softmax(logits_V / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = nucleus(probs, top_p)
     V = probs.shape[-1]
     # E = -log U with U uniform in [0, 1) (`exponential_` draws the same law, ~8x slower on CPU). U = 0, which a
     # float32 draw hits once in 2**24, gives E = inf: that token sits this race out. (-log(1 - U) would give
@@ -265,6 +262,29 @@ def _sample(logits_V: torch.Tensor, temperature: float, top_p: float, greedy: bo
     uniforms = torch.stack([torch.rand(V, device=probs.device, generator=g) for g in generators])
     clocks = -torch.log(uniforms)
     return (probs / clocks).argmax(-1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Tensor:
+    """`probs` (b, V) with every token outside its row's nucleus set to 0: the smallest set of most probable
+    tokens whose mass reaches `top_p`, taken in descending order (a token is kept while the mass before it is
+    <= top_p).
+
+    Sorting all V probabilities of every row at every decoded token cost more than the model's output layer at
+    a 152k vocabulary (benchmarks/sampling.py). The nucleus of a trained model at top-p 0.95 is usually a few
+    tokens, so the rows are first cut to their `candidates` most probable tokens (`topk`, one pass over V);
+    only a row whose nucleus does not fit in them is sorted in full. Same result as the full sort.
+    """
+    k = min(candidates, probs.shape[-1])
+    top, order = probs.topk(k, dim=-1)  # sorted, descending
+    outside = top.cumsum(-1) - top > top_p
+    fits = outside[:, -1] if k < probs.shape[-1] else torch.ones_like(outside[:, -1])
+    out = torch.zeros_like(probs).scatter_(-1, order, top.masked_fill(outside, 0.0))
+    if not bool(fits.all()):  # a flat row: its nucleus reaches past the candidates
+        wide = (~fits).nonzero().squeeze(1)
+        full, full_order = probs[wide].sort(dim=-1, descending=True)
+        full = full.masked_fill(full.cumsum(-1) - full > top_p, 0.0)
+        out[wide] = torch.zeros_like(full).scatter_(-1, full_order, full)
+    return out
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pmd.models import load_model_and_tokenizer
-from pmd.rollout import SamplingCopy, _decode, _sample, completion_logits, generate, pack, sample_seed
+from pmd.rollout import SamplingCopy, _decode, _sample, completion_logits, generate, nucleus, pack, sample_seed
 
 
 def tiny():
@@ -181,3 +182,25 @@ def test_sampling_copy_keeps_float32_buffers():
     x = torch.randint(4, 100, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(input_ids=x).logits, copy.model(input_ids=x).logits)
+
+
+def full_sort_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Reference: sort every row in full, keep a token while the mass before it is <= top_p."""
+    ordered, order = probs.sort(dim=-1, descending=True)
+    ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered > top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, ordered)
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 5000])
+def test_the_nucleus_from_candidates_equals_the_full_sort(vocab):
+    """Peaked rows (nucleus within the candidates) and flat ones (it reaches past them: the full-sort fallback),
+    mixed in one batch."""
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(24, vocab, generator=generator)
+    logits[:12] *= 12.0  # peaked
+    logits[20:] = 0.01 * logits[20:]  # nearly uniform
+    probs = torch.softmax(logits, dim=-1)
+    for top_p in (0.1, 0.5, 0.95, 0.999):
+        got = nucleus(probs, top_p, candidates=16)
+        assert torch.equal(got, full_sort_nucleus(probs, top_p))
+        assert ((got > 0).sum(-1) >= 1).all()
