@@ -272,7 +272,8 @@ def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 64) -> torch.Te
     Sorting all V probabilities of every row at every decoded token cost more than the model's output layer at
     a 152k vocabulary (benchmarks/sampling.py). The nucleus of a trained model at top-p 0.95 is usually a few
     tokens, so the rows are first cut to their `candidates` most probable tokens (`topk`, one pass over V);
-    only a row whose nucleus does not fit in them is sorted in full. Same result as the full sort.
+    only a row whose nucleus does not fit in them is sorted in full. Same result as the full sort (which of
+    several exactly equal probabilities at the nucleus boundary is kept may differ, as between two sorts).
     """
     k = min(candidates, probs.shape[-1])
     top, order = probs.topk(k, dim=-1)  # sorted, descending
