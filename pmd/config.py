@@ -186,6 +186,10 @@ class Config:
                "(insights and behaviors), no stored solutions, failures or feedback.")
     show_failure: bool = _f(False, "pmd: also show the problem's latest stored failed attempt, labelled as one "
                                    "to avoid (MOPD).")
+    related_examples: int = _f(
+        0, "pmd: where no demonstration of the problem itself fits, the teacher first reads this many solved "
+           "problems most similar to it (the problem and its shortest stored pass, as an earlier user/assistant "
+           "exchange): experience reused across problems, a worked example of the procedure. 0: off.")
     teacher_reference: bool = _f(
         False, "pmd, a diagnostic upper bound (not PMD): where no demonstration fits, the teacher reads the task's "
                "reference answer (\"The correct answer is X.\") instead of stored feedback. It measures what a "
@@ -263,6 +267,9 @@ class Config:
         if self.teacher_reference and (self.method != "pmd" or self.teacher_memory != "all"):
             raise ConfigError("teacher_reference needs method=pmd and teacher_memory=all (it takes the place of "
                               "the stored feedback)")
+        if self.related_examples and (self.method != "pmd" or self.teacher_memory != "all"):
+            raise ConfigError(f"related_examples={self.related_examples!r} needs method=pmd and teacher_memory=all "
+                              "(an example is a stored solution)")
         if self.freeze != "none" and self.method != "pmd":
             raise ConfigError(f"freeze={self.freeze!r} is a pmd ablation; use it with method=pmd")
         for name in ["reflect_max_new_tokens", "reflect_attempt_max_chars", "l1_max_pass", "l2_entry_max_tokens",
@@ -271,7 +278,7 @@ class Config:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 1")
         for name in ["freeze_memory_after", "reflect_per_step", "behavior_every", "l1_max_fail",
                      "l2_max_strategies", "l2_max_lessons", "l3_max_behaviors", "l3_max_clusters_per_round",
-                     "l3_topk", "behavior_token_budget", "insight_token_budget"]:
+                     "l3_topk", "related_examples", "behavior_token_budget", "insight_token_budget"]:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
         for name in ["l3_cluster_similarity", "l3_min_sim", "dedup_threshold"]:

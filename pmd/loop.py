@@ -163,8 +163,9 @@ def _build_memory(run: Run, run_path):
                              load_model=lambda spec: _load_reflector_model(spec, run),
                              temperature=cfg.reflect_temperature, max_new_tokens=cfg.reflect_max_new_tokens,
                              batch_size=cfg.generation_batch_size)
+    texts = {p.id: run.task.messages(p)[-1]["content"] for p in run.train_problems}
     return build_memory(MemoryConfig.from_config(cfg), run_path, embedder=cfg.embedder, reflect=reflect,
-                        prompts=run.prompts)
+                        prompts=run.prompts, problem_texts=texts)
 
 
 def _load_reflector_model(spec: str, run: Run):

@@ -53,7 +53,8 @@ LESSONS_HEADER = "Mistakes to avoid on this problem:"
 
 _THINK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 _LEVEL_OF = {"behavior": "behavior", "strategy": "insight", "lesson": "insight",
-             "demonstration": "experience", "feedback": "experience", "failure": "experience"}
+             "demonstration": "experience", "feedback": "experience", "failure": "experience",
+             "example": "experience"}
 
 
 def strip_thinking(text: str) -> str:
@@ -80,12 +81,14 @@ def shown_feedback(feedback: str, answer: str | None, form: str) -> str:
 @dataclass
 class Item:
     """One piece of privileged context. `kind`: behavior | strategy | lesson | demonstration | feedback |
-    failure (an attempt to avoid). `entry_id` links it to the memory store (None for items not stored, such as a
+    failure (an attempt to avoid) | example (a solved related problem: `question` is that problem's prompt,
+    `text` its solution). `entry_id` links it to the memory store (None for items not stored, such as a
     current sibling)."""
 
     kind: str
     text: str
     entry_id: int | None = None
+    question: str = ""
 
 
 @dataclass
@@ -108,14 +111,14 @@ class Context:
     def kinds(self) -> str:
         """What it holds, e.g. `demonstration+insight+behavior`."""
         kinds = {i.kind for i in self.items}
-        parts = [k for k in ("demonstration", "feedback", "failure") if k in kinds]
+        parts = [k for k in ("example", "demonstration", "feedback", "failure") if k in kinds]
         return "+".join(parts + sorted(self.levels - {"experience"}))
 
     @property
     def signal(self) -> str:
-        """The main privileged item, for diagnostics: demonstration, else feedback, else memory."""
+        """The main privileged item, for diagnostics: demonstration, else example, else feedback, else memory."""
         kinds = {i.kind for i in self.items}
-        return next((k for k in ("demonstration", "feedback") if k in kinds), "memory")
+        return next((k for k in ("demonstration", "example", "feedback") if k in kinds), "memory")
 
 
 def memory_sections(items: list[Item]) -> str:
@@ -160,7 +163,7 @@ def fit(candidates: list[Item], prompt_tokens: Callable[[list[Item]], int], item
         slot = _exclusive(item)
         if slot and slot in {_exclusive(i) for i in admitted}:
             continue
-        cost = item_tokens(item.text)
+        cost = item_tokens(item.question + item.text)
         if level in level_budgets and spent.get(level, 0) + cost > level_budgets[level]:
             continue
         trial = prompt_tokens(admitted + [item])
@@ -219,8 +222,12 @@ class TeacherPrompts:
                    lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]), **options)
 
     def chat(self, messages: list[dict], items: list[Item]) -> list[dict]:
-        """The teacher's chat: the student's, with the last message rewritten (earlier ones unchanged)."""
+        """The teacher's chat: the student's, with the last message rewritten (earlier ones unchanged), after
+        one earlier user/assistant exchange per example (a solved related problem), most similar last."""
         head, problem = messages[:-1], messages[-1]["content"]
+        for example in reversed([i for i in items if i.kind == "example"]):
+            head = [*head, {"role": "user", "content": example.question},
+                    {"role": "assistant", "content": example.text}]
         demo = next((i for i in items if i.kind == "demonstration"), None)
         if self.demonstration_form == "turn" and demo is not None:
             return [*head, {**messages[-1], "content": problem + memory_sections(items)},
@@ -236,7 +243,7 @@ class TeacherPrompts:
         fitted: dict[tuple, Context | None] = {}
         out = []
         for offer in offers_G:
-            key = tuple((i.kind, i.text) for i in offer)
+            key = tuple((i.kind, i.text, i.question) for i in offer)
             if key not in fitted:
                 fitted[key] = self.fit(messages, offer) if offer else None
             out.append(fitted[key])

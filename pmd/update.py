@@ -40,7 +40,7 @@ class Rows:
     advantages: torch.Tensor  # (b,) group-relative advantages
     teacher_prompts: list[list[int] | None]  # the teacher's prompt ids; None: no teacher signal
     passed: list[bool]
-    signal: list[str | None]  # the teacher context's main item: demonstration | feedback | memory (None: none)
+    signal: list[str | None]  # the context's main item: demonstration | example | feedback | memory (None: none)
     answer_masks: list[list[bool]]  # per completion token: part of the final answer the verifier read
     stopped: list[bool]  # ended with EOS (not cut at max_new_tokens)
 
@@ -351,7 +351,7 @@ def preference_metrics(counts: dict) -> dict:
             "teacher/preference_pairs": int(counts["pairs"])}
 
 
-DIAGNOSED_SIGNALS = ("demonstration", "feedback", "memory")
+DIAGNOSED_SIGNALS = ("demonstration", "example", "feedback", "memory")
 
 
 def teacher_diagnostics(teacher_logp, student_logp, divergence, mask, answer, passed, stopped, signal) -> dict:
@@ -387,8 +387,8 @@ def teacher_diagnostics(teacher_logp, student_logp, divergence, mask, answer, pa
 
 def diagnostic_metrics(sums: dict) -> dict:
     """`teacher/[<kind>_]answer_lift_{pass,fail,gap}`, `..._eos_lift`, `..._answer_divergence_share` and
-    `..._answer_token_share` from summed `teacher_diagnostics` (kind: demonstration | feedback | memory; none
-    for all rows together)."""
+    `..._answer_token_share` from summed `teacher_diagnostics` (kind: demonstration | example | feedback |
+    memory; none for all rows together)."""
     out = {}
     for kind in ("all", *DIAGNOSED_SIGNALS):
         key, name = f"diag/{kind}/", "teacher/" + ("" if kind == "all" else kind + "_")

@@ -267,3 +267,51 @@ def test_teacher_reference_is_a_pmd_option():
         apply(Config(), {"method": "sdpo", "teacher_reference": True}).validate()
     with pytest.raises(ConfigError, match="teacher_reference"):
         apply(Config(), {"method": "pmd", "teacher_memory": "shared", "teacher_reference": True}).validate()
+
+
+def test_related_examples_fill_in_where_the_problem_has_no_demonstration(tmp_path):
+    """related_examples: an all-fail group of a never-solved problem reads the most similar *other* problems'
+    shortest stored passes, each as an earlier user/assistant exchange (most similar nearest the problem); a
+    group with a pass keeps its own demonstration and no example; the problem's own pass is never an example."""
+    questions = {"near": "Add 25 and 38.", "far": "Name the capital city of France.", "also": "Add 25 and 31.",
+                 "target": "Add 25 and 39."}
+    ps = {k: Problem(id=k, question=q, answer="", metadata={}) for k, q in questions.items()}
+    mem = make_memory(tmp_path, memory_levels="experience", related_examples=2)
+    mem.problem_texts = dict(questions)
+    for k, (texts, passed) in {"near": (["63 long", "63"], [True, True]), "far": (["Paris"], [True]),
+                               "also": (["56"], [True])}.items():
+        mem.observe(1, [ps[k]], texts, [1.0] * len(texts), passed, [""] * len(texts))
+    fails = ["60", "61"]
+    g = mem.group_contexts(2, ps["target"], messages(ps["target"]), fails, [False, False], ["", ""])
+    shown = [(i.kind, i.question, i.text) for i in g.per_rollout[0].items]
+    vec = {k: mem.embed([q])[0] for k, q in questions.items()}
+    expected = sorted(["near", "far", "also"], key=lambda k: -float(np.dot(vec["target"], vec[k])))[:2]
+    assert "far" not in expected  # the hashing embedder ranks the arithmetic problems first
+    assert shown == [("example", questions[k], {"near": "63", "also": "56"}[k]) for k in expected]
+    assert g.per_rollout[0].signal == "example" and g.per_rollout[0].kinds == "example"
+    chat = mem.prompts.chat(messages(ps["target"]), g.per_rollout[0].items)
+    assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in chat[:4]] == [questions[expected[1]], "56" if expected[1] == "also" else "63",
+                                                questions[expected[0]], "63" if expected[0] == "near" else "56"]
+    assert chat[-1]["content"].startswith(questions["target"])
+    # a solved problem keeps its own demonstration; examples never replace it
+    g2 = mem.group_contexts(2, ps["near"], messages(ps["near"]), ["1", "2"], [False, False], ["", ""])
+    assert [[i.kind for i in c.items] for c in g2.per_rollout] == [["demonstration"]] * 2
+    # off: the never-solved problem gets no signal (no feedback to show, no insight)
+    (tmp_path / "off").mkdir()
+    off = make_memory(tmp_path / "off", memory_levels="experience")
+    off.problem_texts = dict(questions)
+    off.observe(1, [ps["near"]], ["63"], [1.0], [True], [""])
+    assert off.group_contexts(2, ps["target"], messages(ps["target"]), fails, [False, False],
+                              ["", ""]).per_rollout == [None, None]
+
+
+def test_related_examples_is_a_pmd_option():
+    from pmd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="related_examples"):
+        apply(Config(), {"method": "grpo", "related_examples": 1}).validate()
+    with pytest.raises(ConfigError, match="related_examples"):
+        apply(Config(), {"method": "pmd", "teacher_memory": "shared", "related_examples": 1}).validate()
+    with pytest.raises(ConfigError, match="related_examples"):
+        apply(Config(), {"method": "pmd", "related_examples": -1}).validate()

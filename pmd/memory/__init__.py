@@ -24,11 +24,13 @@ __all__ = ["LEVELS", "MEMORY_FILENAME", "MemoryConfig", "MemoryStore", "Procedur
            "build_memory"]
 
 
-def build_memory(cfg: MemoryConfig, run_path: str | Path, *, embedder: str, reflect, prompts) -> ProceduralMemory:
+def build_memory(cfg: MemoryConfig, run_path: str | Path, *, embedder: str, reflect, prompts,
+                 problem_texts: dict[str, str] | None = None) -> ProceduralMemory:
     """A run's procedural memory: its store in `run_path`, the embedder named by `embedder`, the reflector
-    `reflect` (pmd.memory.reflector) and the teacher's prompt fitter `prompts` (pmd.teacher.TeacherPrompts)."""
+    `reflect` (pmd.memory.reflector), the teacher's prompt fitter `prompts` (pmd.teacher.TeacherPrompts) and
+    the training problems' prompts by id (`problem_texts`, for `related_examples`)."""
     from pmd.memory.embedder import make_embedder
 
     embed = make_embedder(embedder)
     store = MemoryStore.for_run(run_path, cfg, embed=embed, count_tokens=prompts.item_tokens)
-    return ProceduralMemory(store, cfg, reflect=reflect, embed=embed, prompts=prompts)
+    return ProceduralMemory(store, cfg, reflect=reflect, embed=embed, prompts=prompts, problem_texts=problem_texts)

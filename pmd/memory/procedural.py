@@ -50,7 +50,7 @@ class GroupContexts(NamedTuple):
 
 class ProceduralMemory:
     def __init__(self, store: MemoryStore, cfg: MemoryConfig, *, reflect: Reflect, embed,
-                 prompts: TeacherPrompts):
+                 prompts: TeacherPrompts, problem_texts: dict[str, str] | None = None):
         self.store = store
         self.cfg = cfg
         self.levels = set(cfg.memory_levels)
@@ -59,6 +59,7 @@ class ProceduralMemory:
         self.prompts = prompts  # fits teacher contexts within the prompt budget
         self.item_tokens = prompts.item_tokens
         self._problem_vectors: dict[str, np.ndarray] = {}
+        self.problem_texts = problem_texts or {}  # problem id -> its prompt, for examples (related_examples)
         self.counters: dict[str, float] = defaultdict(float)
         self.log: list[dict] = []  # this step's reflections, for <run>/reflections.jsonl
 
@@ -169,12 +170,32 @@ class ProceduralMemory:
         self._count_report(report, "behavior")
 
     # ------------------------------------------------------------------------------------------ contexts
-    def problem_vector(self, problem: Problem, text: str) -> np.ndarray | None:
+    def problem_vector(self, problem: Problem | str, text: str) -> np.ndarray | None:
+        key = problem if isinstance(problem, str) else problem.id
         if self.embed is None:
             return None
-        if problem.id not in self._problem_vectors:
-            self._problem_vectors[problem.id] = self.embed([text])[0]
-        return self._problem_vectors[problem.id]
+        if key not in self._problem_vectors:
+            self._problem_vectors[key] = self.embed([text])[0]
+        return self._problem_vectors[key]
+
+    def related_examples(self, problem: Problem, text: str) -> list[Item]:
+        """Up to `related_examples` other problems with a stored pass, most similar to this one first (cosine of
+        the problem embeddings; ties and no embedder: problem id), each as its prompt and its shortest pass.
+        A worked example of the procedure lifts a small teacher where its own problem has no solution yet:
+        SmolLM2-135M, one solved example in context, held-out chain_sum mean@2 19.8% -> 35.5% (README)."""
+        if not self.cfg.related_examples:
+            return []
+        passes = [e for e in self.store.shortest_passes(problem.id) if e["problem"] in self.problem_texts]
+        if not passes:
+            return []
+        scores = [0.0] * len(passes)
+        here = self.problem_vector(problem, text)
+        if here is not None:
+            scores = [float(np.dot(here, self.problem_vector(e["problem"], self.problem_texts[e["problem"]])))
+                      for e in passes]
+        ranked = sorted(range(len(passes)), key=lambda j: (-round(scores[j], 6), passes[j]["problem"]))
+        return [Item("example", passes[j]["text"], passes[j]["id"], question=self.problem_texts[passes[j]["problem"]])
+                for j in ranked[:self.cfg.related_examples]]
 
     def memory_items(self, problem: Problem, text: str, *, with_problem_memory: bool = True) -> list[Item]:
         """Insights (best utility first) then behaviors (most similar first): the non-experience candidates."""
@@ -203,6 +224,7 @@ class ProceduralMemory:
                     if stored_failure and self.cfg.feedback_source == "memory" else None)
         if self.cfg.teacher_reference and problem.answer:  # the upper-bound probe: the answer, not from memory
             feedback = Item("feedback", REFERENCE_FEEDBACK.replace("{answer}", problem.answer))
+        examples = self.related_examples(problem, messages[-1]["content"]) if not demos else []
         last_failure = next((e for e in experience if not e["passed"]), None)
         avoid = [Item("failure", last_failure["text"], last_failure["id"])] if self.cfg.show_failure and last_failure \
             else []
@@ -212,8 +234,8 @@ class ProceduralMemory:
             own = Item("feedback", feedback_G[i]) if self.cfg.feedback_source == "own" and not passed_G[i] and \
                 feedback_G[i] else None
             fallback = feedback if self.cfg.teacher_reference else own or feedback
-            # The experience item first (a demonstration, or feedback where no demonstration fits), then the rest.
-            return ([demo] if demo else []) + ([fallback] if fallback else []) + avoid + others
+            # The experience item first (a demonstration; else solved related problems, then feedback), the rest after.
+            return ([demo] if demo else examples) + ([fallback] if fallback else []) + avoid + others
 
         per_rollout = self.prompts.group(messages, [offer(i) for i in range(len(texts_G))])
         # The group's context for the utility credit: that of a rollout which is no demonstration's source.

@@ -507,6 +507,15 @@ class MemoryStore:
                           order="kind = 'fail', last_confirmed_step DESC, id DESC")
         return [_entry_dict(r) for r in rows]
 
+    def shortest_passes(self, exclude: str) -> list[dict]:
+        """Every other problem's shortest stored pass (ties: older id), by problem id."""
+        rows = self._rows("level = 'experience' AND kind = 'pass' AND problem != ?", (str(exclude),),
+                          order="problem, length(text), id")
+        out: dict[str, dict] = {}
+        for row in rows:
+            out.setdefault(row["problem"], _entry_dict(row))
+        return list(out.values())
+
     def insights(self, problem: str, kind: str | None = None) -> list[dict]:
         """A problem's insights, best utility first (ties: higher support, then older id)."""
         where, params = "level = 'insight' AND problem = ?", (str(problem),)
