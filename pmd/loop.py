@@ -383,6 +383,7 @@ def memory_metrics(run: Run, contexts_B: list, frozen: bool) -> dict:
     row = {f"teacher/context_{level}_fraction": sum(c is not None and level in c.levels for c in contexts_B) / n
            for level in ("experience", "insight", "behavior")}
     with_context = [c for c in contexts_B if c is not None]
+    row["teacher/example_fraction"] = sum(any(i.kind == "example" for i in c.items) for c in with_context) / n
     row["teacher/prompt_tokens_mean"] = (sum(c.tokens for c in with_context) / len(with_context)
                                          if with_context else 0.0)
     row["memory/frozen"] = frozen

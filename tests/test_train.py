@@ -292,3 +292,27 @@ def test_unranked_distillation_can_keep_only_the_answer_tokens(tmp_path, monkeyp
         assert row["train/unranked_rows"] == 16  # every group fails, every teacher reads the reference
         assert row["train/loss"] == pytest.approx(row["train/grpo_loss"] + row["train/distill_loss"], rel=1e-5)
     assert 0 < distill["answer"] and distill["answer"] != pytest.approx(distill["all"])
+
+
+def test_related_examples_reach_the_all_fail_group_in_the_loop(tmp_path, monkeypatch):
+    """related_examples wired through the loop: the first problem of step 1 passes (a patched verifier), so the
+    other problem's all-fail group is taught by it, an earlier exchange in the teacher's prompt."""
+    import dataclasses
+
+    import pmd.loop
+
+    run = setup(tiny(tmp_path, method="pmd", related_examples=1, embedder="hashing", teacher_feedback="auto",
+                     memory_levels="experience"))
+    solved = pmd.loop.problems_for_step(run, 1)[0]
+    real = pmd.loop.verify_many
+
+    def verify(task, problems, texts):
+        return [dataclasses.replace(v, reward=1.0) if p.id == solved.id else v
+                for v, p in zip(real(task, problems, texts), problems)]
+
+    monkeypatch.setattr(pmd.loop, "verify_many", verify)
+    row, rollouts = train_step(run, 1)
+    assert set(run.memory.problem_texts) == {p.id for p in run.train_problems}
+    assert row["teacher/example_fraction"] == 0.5  # the other problem's 4 rollouts of 8
+    assert row["teacher/demonstration_fraction"] == 0.5 and row["teacher/signal_fraction"] == 1.0
+    assert [r["teacher_context"] for r in rollouts if r["problem"] != solved.id] == ["example"] * 4
