@@ -28,7 +28,7 @@ from pmd.metrics import upgrade
 DIAGNOSTICS = ["teacher/signal_fraction", "teacher/context_insight_fraction", "teacher/context_behavior_fraction",
                "teacher/answer_lift_pass", "teacher/answer_lift_fail", "teacher/answer_lift_gap",
                "teacher/demonstration_eos_lift", "teacher/memory_eos_lift", "teacher/feedback_eos_lift",
-               "train/completion_clipped_fraction"]
+               "teacher/example_answer_lift_fail", "teacher/example_eos_lift", "train/completion_clipped_fraction"]
 
 
 def config_value(run: Path, key: str) -> int:
