@@ -112,7 +112,7 @@ class Config:
     credit_clip: float = _f(2.0, "objective=signed: the teacher's per-token weight exp(sign(A)*(log p_T - "
                                  "log p_S)) is clipped to [1/credit_clip, credit_clip].")
     distill_unranked: float = _f(
-        0.0, "objective=signed: weight of a distillation term on the rollouts the reward cannot rank (their group "
+        0.5, "objective=signed: weight of a distillation term on the rollouts the reward cannot rank (their group "
              "all passed or all failed, advantage 0, no GRPO gradient) whose teacher has a context: there memory "
              "is the only signal. The student's stop token is not distilled (docs/method.md §5). 0: off.")
     distill_unranked_tokens: Literal["all", "answer"] = _f(
@@ -187,9 +187,10 @@ class Config:
     show_failure: bool = _f(False, "pmd: also show the problem's latest stored failed attempt, labelled as one "
                                    "to avoid (MOPD).")
     related_examples: int = _f(
-        0, "pmd: where no demonstration of the problem itself fits, the teacher first reads this many solved "
+        1, "pmd: where no demonstration of the problem itself fits, the teacher first reads this many solved "
            "problems most similar to it (the problem and its shortest stored pass, as an earlier user/assistant "
-           "exchange): experience reused across problems, a worked example of the procedure. 0: off.")
+           "exchange): experience reused across problems, a worked example of the procedure. 0: off. Not with "
+           "teacher_memory=shared (no stored solutions there).")
     teacher_reference: bool = _f(
         False, "pmd, a diagnostic upper bound (not PMD): where no demonstration fits, the teacher reads the task's "
                "reference answer (\"The correct answer is X.\") instead of stored feedback. It measures what a "
@@ -267,9 +268,6 @@ class Config:
         if self.teacher_reference and (self.method != "pmd" or self.teacher_memory != "all"):
             raise ConfigError("teacher_reference needs method=pmd and teacher_memory=all (it takes the place of "
                               "the stored feedback)")
-        if self.related_examples and (self.method != "pmd" or self.teacher_memory != "all"):
-            raise ConfigError(f"related_examples={self.related_examples!r} needs method=pmd and teacher_memory=all "
-                              "(an example is a stored solution)")
         if self.freeze != "none" and self.method != "pmd":
             raise ConfigError(f"freeze={self.freeze!r} is a pmd ablation; use it with method=pmd")
         for name in ["reflect_max_new_tokens", "reflect_attempt_max_chars", "l1_max_pass", "l2_entry_max_tokens",

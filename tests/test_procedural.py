@@ -299,19 +299,15 @@ def test_related_examples_fill_in_where_the_problem_has_no_demonstration(tmp_pat
     assert [[i.kind for i in c.items] for c in g2.per_rollout] == [["demonstration"]] * 2
     # off: the never-solved problem gets no signal (no feedback to show, no insight)
     (tmp_path / "off").mkdir()
-    off = make_memory(tmp_path / "off", memory_levels="experience")
+    off = make_memory(tmp_path / "off", memory_levels="experience", related_examples=0)
     off.problem_texts = dict(questions)
     off.observe(1, [ps["near"]], ["63"], [1.0], [True], [""])
     assert off.group_contexts(2, ps["target"], messages(ps["target"]), fails, [False, False],
                               ["", ""]).per_rollout == [None, None]
 
 
-def test_related_examples_is_a_pmd_option():
+def test_related_examples_must_not_be_negative():
     from pmd.config import ConfigError
 
-    with pytest.raises(ConfigError, match="related_examples"):
-        apply(Config(), {"method": "grpo", "related_examples": 1}).validate()
-    with pytest.raises(ConfigError, match="related_examples"):
-        apply(Config(), {"method": "pmd", "teacher_memory": "shared", "related_examples": 1}).validate()
     with pytest.raises(ConfigError, match="related_examples"):
         apply(Config(), {"method": "pmd", "related_examples": -1}).validate()
