@@ -243,7 +243,8 @@ def test_reward_anchored_objectives_train_and_diagnose(tmp_path, objective):
         "    return [1.0 if hashlib.sha256(c.encode()).digest()[0] % 3 == 0 else 0.0 for c in completions]\n")
     (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "Say {i}."}}\n' for i in range(20)))
     run = setup(tiny(tmp_path, method="sdpo", objective=objective, group_size=6, task=str(tmp_path / "data.jsonl"),
-                     task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"}, distill_warmup_steps=1))
+                     task_params={"reward_fn": f"{tmp_path / 'reward.py'}:score"}, distill_warmup_steps=1,
+                     distill_unranked=0.0))  # the objective alone (the unranked term: the next test)
     first, _ = train_step(run, 1)  # the warm-up: GRPO alone, no teacher forward
     assert "time/teacher_forward" not in first and "teacher/divergence" not in first
     before = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
