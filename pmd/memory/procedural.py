@@ -170,13 +170,13 @@ class ProceduralMemory:
         self._count_report(report, "behavior")
 
     # ------------------------------------------------------------------------------------------ contexts
-    def problem_vector(self, problem: Problem | str, text: str) -> np.ndarray | None:
-        key = problem if isinstance(problem, str) else problem.id
+    def problem_vector(self, problem_id: str, text: str) -> np.ndarray | None:
+        """The embedding of a problem's prompt, computed once per problem (the embedder is frozen)."""
         if self.embed is None:
             return None
-        if key not in self._problem_vectors:
-            self._problem_vectors[key] = self.embed([text])[0]
-        return self._problem_vectors[key]
+        if problem_id not in self._problem_vectors:
+            self._problem_vectors[problem_id] = self.embed([text])[0]
+        return self._problem_vectors[problem_id]
 
     def related_examples(self, problem: Problem, text: str) -> list[Item]:
         """Up to `related_examples` other problems with a stored pass, most similar to this one first (cosine of
@@ -189,7 +189,7 @@ class ProceduralMemory:
         if not passes:
             return []
         scores = [0.0] * len(passes)
-        here = self.problem_vector(problem, text)
+        here = self.problem_vector(problem.id, text)
         if here is not None:
             scores = [float(np.dot(here, self.problem_vector(e["problem"], self.problem_texts[e["problem"]])))
                       for e in passes]
@@ -203,7 +203,7 @@ class ProceduralMemory:
         if with_problem_memory and "insight" in self.levels:
             items += [Item(e["kind"], e["text"], e["id"]) for e in self.store.insights(problem.id)]
         if "behavior" in self.levels and self.cfg.l3_topk:
-            found = self.store.search_behaviors(self.problem_vector(problem, text), k=self.cfg.l3_topk,
+            found = self.store.search_behaviors(self.problem_vector(problem.id, text), k=self.cfg.l3_topk,
                                                 min_sim=self.cfg.l3_min_sim)
             items += [Item("behavior", f"{b['name']}: {b['instruction']}", b["id"]) for b in found]
         return items
