@@ -81,7 +81,7 @@ class Config:
                                  "SmolLM2-135M writes mostly noise (training reward 0.07 against 0.21).")
     top_p: float = _f(1.0, "Rollout nucleus sampling.")
     success_threshold: float = _f(1.0, "A rollout passes when its reward >= this.")
-    generation_batch_size: int = _f(32, "Sequences per `generate` call.")
+    generation_batch_size: int = _f(64, "Sequences per `generate` call.")
 
     # ---------------------------------------------------------------- optimisation
     learning_rate: float = _f(5e-5, "AdamW learning rate (constant after warmup).")
@@ -205,8 +205,8 @@ class Config:
                                        "problems), reported as eval_memory_* next to the memory-free figures.")
 
     # ---------------------------------------------------------------- evaluation
-    eval_every: int = _f(10, "Evaluate every N steps (and always before the first and after the last; 0: only "
-                             "then).")
+    eval_every: int = _f(0, "Evaluate every N steps (and always before the first and after the last; 0: only "
+                            "then; set it for a held-out curve).")
     eval_samples: int = _f(4, "Sampled completions per held-out problem for mean@k accuracy (0 = greedy only).")
     eval_temperature: float = _f(0.6, "Sampling temperature for mean@k.")
     eval_top_p: float = _f(0.95, "Nucleus for mean@k.")

@@ -26,7 +26,8 @@ REFERENCE_COMMIT = "67e95c6ffb28e13de48e3b0c1b600c701af870ad"
 REPO = Path(__file__).resolve().parent.parent
 # keys that make today's code behave as REFERENCE_COMMIT did (their defaults changed since)
 TODAY_KEYS: dict = {"teacher_feedback": "verbatim", "demonstration_form": "inline", "objective": "distill",
-                    "temperature": 1.0, "reflect_per_step": 0, "distill_unranked": 0.0, "related_examples": 0}
+                    "temperature": 1.0, "reflect_per_step": 0, "distill_unranked": 0.0, "related_examples": 0,
+                    "generation_batch_size": 32}
 
 pytestmark = pytest.mark.slow
 
