@@ -192,3 +192,30 @@ def test_tiny_grid_end_to_end_with_report(tmp_path, capsys):
     cli(["compare", str(out)])
     assert "4 done, 0 to run" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime for p in out.glob("runs/*/summary.json")}
+
+
+def test_contrasts_pair_two_arms_by_seed(tmp_path):
+    results = [_result("pmd", 0, 0.30), _result("pmd", 1, 0.40), _result("pmd", 2, 0.50, finished=False),
+               _result("pmd-frozen-memory", 0, 0.25), _result("pmd-frozen-memory", 1, 0.45),
+               _result("pmd-frozen-memory", 2, 0.10)]
+    row, = compare.contrast_rows(results, [("pmd", "pmd-frozen-memory")])
+    assert row["seeds"] == [0, 1]  # seed 2 of pmd did not finish
+    assert row["diffs"] == pytest.approx([0.05, -0.05])
+    assert (row["mean"], row["ci"]) == pytest.approx(compare.mean_ci([0.05, -0.05]))
+    assert row["greedy"] == pytest.approx(0.0)  # the fake greedy is half of mean@k
+    grid = compare.make_grid(TINY_GRID, ["pmd", "pmd-frozen-memory"], [0, 1],
+                             contrasts=[["pmd", "pmd-frozen-memory"]])
+    table = compare.results_markdown(compare.summarize(results), results, grid)
+    assert "| pmd − pmd-frozen-memory | 2 | +0.0 ± 63.5 | +0.0 ± 31.8 | s0 +5.0, s1 -5.0 |" in table
+    # the grid folder keeps its contrasts, and a resumed grid may add more
+    compare.run_grid(grid, tmp_path / "g", dry_run=True)
+    assert compare.load_grid(tmp_path / "g").contrasts == [("pmd", "pmd-frozen-memory")]
+
+
+@pytest.mark.parametrize("contrasts, message", [
+    ([["pmd", "pmd"]], "two different arms"), ([["pmd"]], "two different arms"), (["pmd"], "two different arms"),
+    ([["pmd", "sdpo"]], "'sdpo' is not an arm of this grid"),
+])
+def test_bad_contrasts_name_the_entry(contrasts, message):
+    with pytest.raises(ConfigError, match=message):
+        compare.make_grid(TINY_GRID, ["pmd", "grpo"], [0], contrasts=contrasts)

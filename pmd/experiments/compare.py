@@ -87,6 +87,7 @@ class Grid:
     description: str = ""
     jobs: int = 1
     custom_arms: dict[str, dict] = field(default_factory=dict)  # arms the grid file defines: name -> keys
+    contrasts: list[tuple[str, str]] = field(default_factory=list)  # (A, B): report A - B paired by seed
 
     def arm_keys(self, arm: str) -> dict:
         return self.custom_arms[arm] if arm in self.custom_arms else ARMS[arm]
@@ -106,7 +107,10 @@ class Grid:
 
     def to_dict(self) -> dict:
         arms = [{a: self.custom_arms[a]} if a in self.custom_arms else a for a in self.arms]
-        return {"description": self.description, "arms": arms, "seeds": self.seeds, "config": self.config}
+        out = {"description": self.description, "arms": arms, "seeds": self.seeds, "config": self.config}
+        if self.contrasts:
+            out["contrasts"] = [list(c) for c in self.contrasts]
+        return out
 
 
 def list_presets() -> dict[str, str]:
@@ -133,19 +137,22 @@ def load_grid(spec: str | Path) -> Grid:
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a grid file is a mapping with config, arms and seeds")
-    unknown = set(raw) - {"description", "config", "arms", "seeds"}
+    unknown = set(raw) - {"description", "config", "arms", "seeds", "contrasts"}
     if unknown:
         raise ConfigError(f"{path}: unknown grid key(s) {', '.join(sorted(unknown))}; "
-                          f"valid: description, config, arms, seeds")
+                          f"valid: description, config, arms, seeds, contrasts")
     return make_grid(raw.get("config") or {}, raw.get("arms") or ["grpo", "sdpo", "pmd"],
-                     raw.get("seeds") or [0], raw.get("description", ""))
+                     raw.get("seeds") or [0], raw.get("description", ""), contrasts=raw.get("contrasts"))
 
 
-def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dict | None = None) -> Grid:
+def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dict | None = None,
+              contrasts=None) -> Grid:
     """Validate arms, seeds and the shared config keys (arm keys, seed and output_dir belong to the grid).
 
     An entry of `arms` is a built-in arm's name, the name of one of `custom_arms`, or a one-key mapping
     `{NAME: {config keys}}` that defines a custom arm (e.g. `pmd-qwen-reflector: {method: pmd, reflector: ...}`).
+    `contrasts`: pairs [A, B] of the grid's arms whose difference A - B the results report paired by seed
+    (an ablation against its full method, say), next to the columns against grpo and sdpo.
     """
     if isinstance(arms, str):
         arms = [a for a in arms.split(",") if a]
@@ -183,7 +190,23 @@ def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dic
             config_mod.apply(config_mod.Config(), {**config, **keys})
         except ConfigError as error:
             raise ConfigError(f"arm {name!r}: {error}") from None
-    return Grid(dict(config), list(arms), seeds, description, custom_arms=custom)
+    return Grid(dict(config), list(arms), seeds, description, custom_arms=custom,
+                contrasts=_contrasts(contrasts or [], arms))
+
+
+def _contrasts(entries, arms: list[str]) -> list[tuple[str, str]]:
+    """[[A, B], ...] from a grid file -> [(A, B), ...], or a ConfigError naming the bad entry."""
+    out = []
+    for entry in entries:
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] != entry[1]):
+            raise ConfigError(f"contrasts: {entry!r}: a contrast is a pair of two different arms [A, B] "
+                              f"(it reports A - B)")
+        missing = [str(a) for a in entry if a not in arms]
+        if missing:
+            raise ConfigError(f"contrasts: {entry!r}: {missing[0]!r} is not an arm of this grid")
+        if tuple(entry) not in out:
+            out.append((str(entry[0]), str(entry[1])))
+    return out
 
 
 def _custom_arm(entry: dict) -> tuple[str, dict]:
@@ -299,6 +322,7 @@ def _write_or_check_grid(grid: Grid, folder: Path) -> None:
         grid.custom_arms = {**stored.custom_arms, **grid.custom_arms}
         grid.arms = stored.arms + [a for a in grid.arms if a not in stored.arms]
         grid.seeds = stored.seeds + [s for s in grid.seeds if s not in stored.seeds]
+        grid.contrasts = stored.contrasts + [c for c in grid.contrasts if c not in stored.contrasts]
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(grid.to_dict(), sort_keys=False))
 
@@ -417,6 +441,24 @@ def summarize(results: list[RunResult], metric: str = "eval/accuracy") -> list[d
     return rows
 
 
+def contrast_rows(results: list[RunResult], contrasts: list[tuple[str, str]],
+                  metric: str = "eval/accuracy") -> list[dict]:
+    """One row per contrast (A, B): the final-evaluation difference A - B over the seeds where both finished."""
+    done = {(r.arm, r.seed): r for r in results if r.finished and r.final}
+    rows = []
+    for a, b in contrasts:
+        seeds = sorted(s for arm, s in done if arm == a and (b, s) in done)
+        diffs = [done[a, s].final[metric] - done[b, s].final[metric] for s in seeds]
+        greedy = [done[a, s].final.get("eval/accuracy_greedy") for s in seeds]
+        greedy_b = [done[b, s].final.get("eval/accuracy_greedy") for s in seeds]
+        greedy_diffs = [x - y for x, y in zip(greedy, greedy_b) if x is not None and y is not None]
+        row = {"contrast": f"{a} − {b}", "seeds": seeds, "diffs": diffs}
+        row["mean"], row["ci"] = mean_ci(diffs)
+        row["greedy"], row["greedy_ci"] = mean_ci(greedy_diffs)
+        rows.append(row)
+    return rows
+
+
 def grid_runs(folder: str | Path) -> list[Path]:
     """The run folders of a grid folder (those that have started)."""
     runs = Path(folder) / "runs"
@@ -484,6 +526,13 @@ def results_markdown(rows: list[dict], results: list[RunResult], grid: Grid | No
     if not rows:
         lines.append("| (no finished runs yet) |" + " |" * (len(SUMMARY_HEADERS) - 1))
     lines += per_seed_markdown(results, [r["arm"] for r in rows])
+    if grid is not None and grid.contrasts:
+        lines += ["", "Contrasts: the first arm minus the second, paired by seed (points of held-out accuracy).", "",
+                  "| contrast | seeds | Δ mean@k | Δ greedy | per seed |", "|---|---|---|---|---|"]
+        for c in contrast_rows(results, grid.contrasts):
+            per_seed = ", ".join(f"s{s} {_pct(d, signed=True)}" for s, d in zip(c["seeds"], c["diffs"])) or "–"
+            lines.append(f"| {c['contrast']} | {len(c['seeds'])} | {_pct(c['mean'], c['ci'], True)} | "
+                         f"{_pct(c['greedy'], c['greedy_ci'], True)} | {per_seed} |")
     if unfinished:
         lines += ["", "Not finished yet (not in the table): " +
                   ", ".join(f"{r.arm}-s{r.seed}" for r in unfinished)]
