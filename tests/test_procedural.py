@@ -195,7 +195,7 @@ def test_reflection_failures_are_counted_not_raised(tmp_path):
     def flaky(prompts, seed, prefill="", fields=None):
         return [next(outputs) for _ in prompts]
 
-    mem = make_memory(tmp_path, reflect=flaky, memory_levels="experience,insight")
+    mem = make_memory(tmp_path, reflect=flaky, memory_levels="experience,insight", reflect_per_step=0)
     step_once(mem, 1, [problem(1), problem(2), problem(3)], [False] * 12)
     counters = mem.take_counters()
     assert counters["memory/reflect_calls"] == 3 and counters["memory/reflect_errors"] == 1
