@@ -408,15 +408,31 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
 
 
+def _finished(results: list[RunResult]) -> dict[tuple[str, int], RunResult]:
+    """The runs that finished with a final evaluation, by (arm, seed)."""
+    return {(r.arm, r.seed): r for r in results if r.finished and r.final}
+
+
+def paired(done: dict[tuple[str, int], RunResult], a: str, b: str, key: str) -> tuple[list[int], list[float]]:
+    """The seeds where arms a and b both have a final `key`, and the differences a - b seed by seed.
+
+    Pairing by seed removes what two runs of one seed share (problems, sampling), so the interval of the
+    differences is much narrower than that of either arm.
+    """
+    seeds = sorted(s for arm, s in done if arm == a and (b, s) in done
+                   and done[a, s].final.get(key) is not None and done[b, s].final.get(key) is not None)
+    return seeds, [done[a, s].final[key] - done[b, s].final[key] for s in seeds]
+
+
 def summarize(results: list[RunResult], metric: str = "eval/accuracy") -> list[dict]:
     """One row per arm: final held-out accuracy over seeds, and the paired difference to each baseline.
 
     Only finished runs count, so every arm is compared at the same (final) evaluation point.
     """
-    done = [r for r in results if r.finished and r.final]
+    done = _finished(results)
     by_arm: dict[str, dict[int, RunResult]] = {}
-    for r in done:
-        by_arm.setdefault(r.arm, {})[r.seed] = r
+    for (arm, seed), r in done.items():
+        by_arm.setdefault(arm, {})[seed] = r
     order = [a for a in ARMS if a in by_arm] + sorted(a for a in by_arm if a not in ARMS)
     rows = []
     for arm in order:
@@ -429,10 +445,9 @@ def summarize(results: list[RunResult], metric: str = "eval/accuracy") -> list[d
         before = [runs[s].before.get(metric) for s in seeds if runs[s].before]
         row["before"], _ = mean_ci(before)
         for base in BASELINES:
-            paired = [runs[s].final[metric] - by_arm[base][s].final[metric]
-                      for s in seeds if base in by_arm and s in by_arm[base]]
-            row[f"vs_{base}"], row[f"vs_{base}_ci"] = mean_ci(paired) if arm != base else (float("nan"),) * 2
-            row[f"vs_{base}_pairs"] = len(paired) if arm != base else 0
+            _, diffs = paired(done, arm, base, metric)
+            row[f"vs_{base}"], row[f"vs_{base}_ci"] = mean_ci(diffs) if arm != base else (float("nan"),) * 2
+            row[f"vs_{base}_pairs"] = len(diffs) if arm != base else 0
         for key in (*DIAGNOSTICS, "reflect_parse_fail_rate"):
             values = [runs[s].diagnostics[key] for s in seeds if key in runs[s].diagnostics]
             row[key] = sum(values) / len(values) if values else float("nan")
@@ -444,14 +459,11 @@ def summarize(results: list[RunResult], metric: str = "eval/accuracy") -> list[d
 def contrast_rows(results: list[RunResult], contrasts: list[tuple[str, str]],
                   metric: str = "eval/accuracy") -> list[dict]:
     """One row per contrast (A, B): the final-evaluation difference A - B over the seeds where both finished."""
-    done = {(r.arm, r.seed): r for r in results if r.finished and r.final}
+    done = _finished(results)
     rows = []
     for a, b in contrasts:
-        seeds = sorted(s for arm, s in done if arm == a and (b, s) in done)
-        diffs = [done[a, s].final[metric] - done[b, s].final[metric] for s in seeds]
-        greedy = [done[a, s].final.get("eval/accuracy_greedy") for s in seeds]
-        greedy_b = [done[b, s].final.get("eval/accuracy_greedy") for s in seeds]
-        greedy_diffs = [x - y for x, y in zip(greedy, greedy_b) if x is not None and y is not None]
+        seeds, diffs = paired(done, a, b, metric)
+        _, greedy_diffs = paired(done, a, b, "eval/accuracy_greedy")
         row = {"contrast": f"{a} − {b}", "seeds": seeds, "diffs": diffs}
         row["mean"], row["ci"] = mean_ci(diffs)
         row["greedy"], row["greedy_ci"] = mean_ci(greedy_diffs)
