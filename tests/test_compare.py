@@ -105,11 +105,19 @@ def test_presets_load_and_validate():
     ({}, [{"mine": {"method": "pmd", "stepz": 1}}], [0], "arm 'mine'.*stepz"),
     ({}, [{"mine": {"seed": 1}}], [0], "belong to the grid"),
     ({}, [{"mine": {}}], [0], "needs a mapping"),
-    ({"reflector": "policy"}, [{"mine": {"method": "pmd", "reflector": "local:x"}}], [0], "set by each arm"),
+    ({"objective": "signed"}, [{"mine": {"method": "pmd"}}], [0], "set by each arm"),
 ])
 def test_bad_grids_name_the_problem(config, arms, seeds, message):
     with pytest.raises(ConfigError, match=message):
         compare.make_grid(config, arms, seeds)
+
+
+def test_a_custom_arm_overrides_a_shared_key_for_its_own_runs(tmp_path):
+    grid = compare.make_grid({"reflect_per_step": 4, "steps": 2},
+                             ["pmd", {"pmd-reflect2": {"method": "pmd", "reflect_per_step": 2}}], [0])
+    assert grid.run_config("pmd-reflect2", 0, tmp_path).reflect_per_step == 2
+    assert grid.run_config("pmd", 0, tmp_path).reflect_per_step == 4
+    assert grid.run_config("pmd-reflect2", 0, tmp_path).steps == 2  # the rest stays shared
 
 
 def test_unknown_preset_lists_presets():

@@ -150,7 +150,8 @@ def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dic
     """Validate arms, seeds and the shared config keys (arm keys, seed and output_dir belong to the grid).
 
     An entry of `arms` is a built-in arm's name, the name of one of `custom_arms`, or a one-key mapping
-    `{NAME: {config keys}}` that defines a custom arm (e.g. `pmd-qwen-reflector: {method: pmd, reflector: ...}`).
+    `{NAME: {config keys}}` that defines a custom arm (e.g. `pmd-qwen-reflector: {method: pmd, reflector: ...}`);
+    a custom arm's keys override the shared config for its runs only.
     `contrasts`: pairs [A, B] of the grid's arms whose difference A - B the results report paired by seed
     (an ablation against its full method, say), next to the columns against grpo and sdpo.
     """
@@ -180,7 +181,10 @@ def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dic
     if len(set(arms)) != len(arms) or len(set(seeds)) != len(seeds):
         raise ConfigError("arms and seeds must not repeat")
     custom = {a: custom[a] for a in arms if a in custom}  # only the arms this grid runs
-    owned = {"seed", "output_dir"} | {k for a in [*ARMS.values(), *custom.values()] for k in a}
+    # The built-in arms' keys (method, objective, freeze, ...) and the seed belong to each run: a shared value
+    # would be overridden in every run. A custom arm's keys win over the shared config instead, so a one-key
+    # variation of a shared setting (reflect_per_step: 2 against the grid's 4) is an arm of the same grid.
+    owned = {"seed", "output_dir"} | {k for a in ARMS.values() for k in a}
     clash = sorted(set(config) & owned)
     if clash:
         raise ConfigError(f"config key(s) {', '.join(clash)} are set by each arm or seed, not by the grid")
