@@ -147,7 +147,7 @@ def load_grid(spec: str | Path) -> Grid:
 
 def make_grid(config: dict, arms, seeds, description: str = "", custom_arms: dict | None = None,
               contrasts=None) -> Grid:
-    """Validate arms, seeds and the shared config keys (arm keys, seed and output_dir belong to the grid).
+    """Validate arms, seeds and the shared config keys (built-in arm keys, seed and output_dir are per run).
 
     An entry of `arms` is a built-in arm's name, the name of one of `custom_arms`, or a one-key mapping
     `{NAME: {config keys}}` that defines a custom arm (e.g. `pmd-qwen-reflector: {method: pmd, reflector: ...}`);
