@@ -129,6 +129,32 @@ def test_load_model_and_tokenizer_prepares_for_generation(isolated_cache):
     assert output.shape == (2, 4 + 3)
 
 
+def test_output_layer_gets_a_contiguous_input_wherever_the_model_goes(isolated_cache):
+    """transformers slices the hidden states it keeps logits for; with a frozen output layer torch then copies the
+    whole weight per batch row (benchmarks/output_layer.py). The loaded model's output layer sees a contiguous
+    input instead, also in the sampling copy and under LoRA, and its logits do not change."""
+    from pmd.config import Config
+    from pmd.loop import prepare_for_training
+    from pmd.rollout import SamplingCopy
+
+    model, _ = models.load_model_and_tokenizer("tiny-random", dtype=torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids, logits_to_keep=0).logits[:, -4:]
+    for which, net in [("loaded", model), ("sampling copy", SamplingCopy(model).model),
+                       ("lora", prepare_for_training(models.load_model_and_tokenizer("tiny-random",
+                                                                                     dtype=torch.float32)[0],
+                                                     Config(finetune="lora")))]:
+        seen = []
+        probe = net.get_output_embeddings().register_forward_pre_hook(
+            lambda module, args: seen.append(args[0].is_contiguous()))
+        with torch.no_grad():
+            logits = net(input_ids=ids, logits_to_keep=4).logits
+        probe.remove()
+        assert seen == [True], which
+        torch.testing.assert_close(logits, expected, msg=which)
+
+
 # ---------------------------------------------------------------- resolve_model
 
 
