@@ -535,6 +535,7 @@ def _resolve_run(cfg: Config, explicit_keys: set[str], world: int):
         if not cfg.output_dir:
             cfg.output_dir = str(Path("runs") / f"{cfg.run_name()}-{datetime.now():%Y%m%d-%H%M%S}")
         run_dir = RunDir(cfg.output_dir)
+        run_dir.lock()  # before anything is read or truncated: one writer per run folder
         resuming = run_dir.exists()
         if resuming:
             cfg = run_dir.resume_config(cfg, explicit_keys)

@@ -10,6 +10,7 @@
                              RNG state of every process (rng_rank0.pt, rng_rank1.pt, ...)
     <run>/final/             the trained model (LoRA merged): plain `AutoModelForCausalLM.from_pretrained`
     <run>/summary.json       accuracy before and after, wall time
+    <run>/.lock              held by the one process that writes the run (RunDir.lock)
 
 Checkpoints are written to a temporary folder and renamed, so a kill at any moment leaves either the old or
 the new checkpoint, never half of one. On resume, metric and rollout rows newer than the checkpoint are
@@ -40,10 +41,42 @@ RESUMABLE_CHANGES = {"steps", "eval_every", "save_every", "keep_checkpoints", "t
                      "eval_samples", "eval_problems", "base_eval_cache"}
 
 
+_HELD: dict[Path, object] = {}  # run folders this process writes -> their open, locked `.lock` file
+
+
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
+
+    def lock(self) -> None:
+        """Hold `.lock` in the folder for as long as this process lives (the OS drops it however the process
+        ends, so a killed run resumes freely). A second process that would write the same folder stops here
+        with an error instead of truncating the first one's logs. Held already by this process: nothing to do
+        (a resume within one Python session)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        key = self.path.resolve()
+        if key in _HELD:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            who = f" (pid {holder})" if holder else ""
+            raise ConfigError(f"{self.path} is being written by another process{who}; wait for it to end, "
+                              "or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD[key] = handle
 
     # ---------------------------------------------------------------- config
     def exists(self) -> bool:
