@@ -4,15 +4,15 @@ transformers computes logits only for the positions it keeps (`logits_to_keep`):
 generation starts, the completion positions when the loss is computed. It slices the hidden states for that,
 which gives a non-contiguous view. With a frozen output layer (pmd's sampling copy; the base model under LoRA,
 the default `finetune`) torch's matmul then copies the whole weight once per batch row and runs a batched
-product instead of one matrix product. `pmd.models.contiguous_input`, a forward pre-hook that `load_model`
-registers on the output layer, copies the small slice instead.
+product instead of one matrix product. `pmd.models.contiguous_input`, a forward pre-hook that
+`load_model_and_tokenizer` registers on the output layer, copies the small slice instead.
 
 Each round times, back to back and in alternating order, one forward of the same batch with the hook and
 without it, in two settings:
 - prefill: `generate`'s first forward over a batch of distinct prompts (greedy evaluation), no_grad,
   `logits_to_keep=1`;
 - score: a training-style forward with gradients on, `logits_to_keep` = completion length + 1 (the teacher and
-  student passes of `micro_batch_loss`), the weights frozen as LoRA leaves them.
+  student passes of `micro_batch_loss` with prefix sharing off), the weights frozen as LoRA leaves them.
 The speed-up is the median of the paired ratios. The last line gives the process's peak RSS; `--hook-only` skips
 the runs without the hook, so the difference of the two invocations' peaks is the memory the copies take.
 

@@ -109,7 +109,7 @@ def contiguous_input(module, args):
     transformers slices the hidden states it keeps logits for (`logits_to_keep`), a non-contiguous view. When
     the output layer's weight is frozen (the sampling copy, LoRA's base model), torch's matmul does not fold that
     view into one matrix product: it copies the whole weight once per batch row and runs a batched product. For
-    Qwen2.5-0.5B in bfloat16 (152k x 896) and 16 rows that is 4 GB more memory and ~300x the time of the layer
+    Qwen2.5-0.5B in bfloat16 (152k x 896) and 16 rows that is 4 GB more memory and a 7x slower prefill
     (benchmarks/output_layer.py); copying the small slice instead costs nothing measurable."""
     hidden, *rest = args
     return (hidden.contiguous(), *rest)
