@@ -190,9 +190,14 @@ class Config:
                                    "to avoid (MOPD).")
     related_examples: int = _f(
         1, "pmd: where no demonstration of the problem itself fits, the teacher first reads this many solved "
-           "problems most similar to it (the problem and its shortest stored pass, as an earlier user/assistant "
-           "exchange): experience reused across problems, a worked example of the procedure. 0: off. Not with "
-           "teacher_memory=shared (no stored solutions there).")
+           "problems most similar to it (the problem and one stored pass, chosen by demonstration_pick, as an "
+           "earlier user/assistant exchange): experience reused across problems, a worked example of the "
+           "procedure. 0: off. Not with teacher_memory=shared (no stored solutions there).")
+    demonstration_pick: Literal["shortest", "longest"] = _f(
+        "shortest", "pmd: which stored pass the teacher reads as a demonstration or related example. shortest: "
+                    "the fewest characters (one line of working, then the answer, on chain_sum at 135M). "
+                    "longest: the most characters, i.e. the most working shown (where the shortest pass is a "
+                    "bare answer the policy guessed).")
     teacher_reference: bool = _f(
         False, "pmd, a diagnostic upper bound (not PMD): where no demonstration fits, the teacher reads the task's "
                "reference answer (\"The correct answer is X.\") instead of stored feedback. It measures what a "

@@ -176,6 +176,32 @@ def test_demonstration_prefers_an_earlier_step_and_excludes_the_rollout_itself(t
     assert len({id(c) for c in g2.per_rollout}) == 1  # one shared context: one prefix for the group
 
 
+def test_demonstration_pick_longest_shows_the_pass_with_the_most_working(tmp_path):
+    """demonstration_pick=longest: this step's passes longest first, then the longest stored pass, and the
+    longest pass of a related problem as its example; the rollout is still never its own demonstration."""
+    mem = make_memory(tmp_path, memory_levels="experience", demonstration_pick="longest")
+    p, other = problem(1), problem(2)
+    mem.problem_texts = {p.id: p.question, other.id: other.question}
+    texts = ["wrong", "Answer: 2", "wrong again", "1 + 1 = 2.\nAnswer: 2"]
+    passed = [False, True, False, True]
+    feedback = ["bad", "", "bad", ""]
+    mem.observe(1, [p], texts, [float(x) for x in passed], passed, feedback)
+    g = mem.group_contexts(1, p, messages(p), texts, passed, feedback)
+    demo = [next((i.text for i in c.items if i.kind == "demonstration"), None) for c in g.per_rollout]
+    assert demo == [texts[3], texts[3], texts[3], texts[1]]
+    g2 = mem.group_contexts(2, p, messages(p), ["x"] * 4, [False] * 4, ["bad"] * 4)
+    assert all(next(i.text for i in c.items if i.kind == "demonstration") == texts[3] for c in g2.per_rollout)
+    g3 = mem.group_contexts(2, other, messages(other), ["x"] * 4, [False] * 4, ["bad"] * 4)
+    assert [(i.kind, i.text) for i in g3.per_rollout[0].items] == [("example", texts[3])]
+    # the default picks the shortest of the same passes
+    (tmp_path / "short").mkdir()
+    short = make_memory(tmp_path / "short", memory_levels="experience")
+    short.problem_texts = dict(mem.problem_texts)
+    short.observe(1, [p], texts, [float(x) for x in passed], passed, feedback)
+    g4 = short.group_contexts(2, other, messages(other), ["x"] * 4, [False] * 4, ["bad"] * 4)
+    assert [(i.kind, i.text) for i in g4.per_rollout[0].items] == [("example", texts[1])]
+
+
 def test_utility_credit_is_relative_to_the_mean_change(tmp_path):
     mem = make_memory(tmp_path, memory_levels="experience,insight")
     a, b = problem(1), problem(2)

@@ -48,6 +48,7 @@ class MemoryConfig:
     show_failure: bool = _default("show_failure")
     teacher_reference: bool = _default("teacher_reference")
     related_examples: int = _default("related_examples")
+    demonstration_pick: str = _default("demonstration_pick")
     # token budgets the store enforces per problem (experience, insight) or per level (behavior); None: none
     l1_token_budget: int | None = None
     l2_token_budget: int | None = None

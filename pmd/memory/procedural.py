@@ -180,12 +180,14 @@ class ProceduralMemory:
 
     def related_examples(self, problem: Problem, text: str) -> list[Item]:
         """Up to `related_examples` other problems with a stored pass, most similar to this one first (cosine of
-        the problem embeddings; ties and no embedder: problem id), each as its prompt and its shortest pass.
+        the problem embeddings; ties and no embedder: problem id), each as its prompt and one stored pass
+        (`demonstration_pick`: the shortest or the longest).
         A worked example of the procedure lifts a small teacher where its own problem has no solution yet:
         SmolLM2-135M, one solved example in context, held-out chain_sum mean@2 19.8% -> 35.5% (README)."""
         if not self.cfg.related_examples:
             return []
-        passes = [e for e in self.store.shortest_passes(problem.id) if e["problem"] in self.problem_texts]
+        passes = [e for e in self.store.one_pass_each(problem.id, longest=self.cfg.demonstration_pick == "longest")
+                  if e["problem"] in self.problem_texts]
         if not passes:
             return []
         scores = [0.0] * len(passes)
@@ -218,7 +220,7 @@ class ProceduralMemory:
             per_rollout = self.prompts.group(messages, [others] * len(texts_G))
             return GroupContexts(per_rollout, next((c for c in per_rollout if c is not None), None))
         experience = self.store.experience(problem.id)
-        demos = self._demonstrations(step, experience, texts_G, passed_G)
+        demos = self._demonstrations(step, experience, texts_G, passed_G, self.cfg.demonstration_pick == "longest")
         stored_failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         feedback = (Item("feedback", stored_failure["feedback"], stored_failure["id"])
                     if stored_failure and self.cfg.feedback_source == "memory" else None)
@@ -245,16 +247,18 @@ class ProceduralMemory:
         return GroupContexts(per_rollout, shared)
 
     @staticmethod
-    def _demonstrations(step: int, experience: list[dict], texts_G: list[str],
-                        passed_G: list[bool]) -> list[tuple[Item, int | None]]:
-        """(demonstration, index of the sibling it is, or None): the shortest stored pass from an earlier
-        step, else this step's passes, shortest first (a rollout is never its own demonstration)."""
+    def _demonstrations(step: int, experience: list[dict], texts_G: list[str], passed_G: list[bool],
+                        longest: bool = False) -> list[tuple[Item, int | None]]:
+        """(demonstration, index of the sibling it is, or None): the shortest (`longest`: longest) stored pass
+        from an earlier step, else this step's passes in that order (a rollout is never its own
+        demonstration). Ties: the older entry, the earlier sibling."""
+        sign = -1 if longest else 1
         stored = sorted((e for e in experience if e["passed"] and e["created_step"] < step),
-                        key=lambda e: (len(e["text"]), e["id"]))
+                        key=lambda e: (sign * len(e["text"]), e["id"]))
         if stored:
             return [(Item("demonstration", stored[0]["text"], stored[0]["id"]), None)]
         current = sorted((i for i in range(len(texts_G)) if passed_G[i] and strip_thinking(texts_G[i])),
-                         key=lambda i: (len(texts_G[i]), i))
+                         key=lambda i: (sign * len(strip_thinking(texts_G[i])), i))
         return [(Item("demonstration", strip_thinking(texts_G[i])), i) for i in current[:2]]
 
     def eval_context(self, problem: Problem, messages: list[dict]) -> Context | None:
@@ -265,7 +269,8 @@ class ProceduralMemory:
     def prompt_context(self, step: int, problem: Problem, messages: list[dict]) -> Context | None:
         """freeze=policy: the memory placed in the student's own prompt before sampling (no siblings yet)."""
         experience = self.store.experience(problem.id)
-        passes = sorted((e for e in experience if e["passed"]), key=lambda e: (len(e["text"]), e["id"]))
+        sign = -1 if self.cfg.demonstration_pick == "longest" else 1
+        passes = sorted((e for e in experience if e["passed"]), key=lambda e: (sign * len(e["text"]), e["id"]))
         failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         candidates = ([Item("demonstration", passes[0]["text"], passes[0]["id"])] if passes else []) + \
                      ([Item("feedback", failure["feedback"], failure["id"])] if failure else []) + \

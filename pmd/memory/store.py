@@ -507,10 +507,10 @@ class MemoryStore:
                           order="kind = 'fail', last_confirmed_step DESC, id DESC")
         return [_entry_dict(r) for r in rows]
 
-    def shortest_passes(self, exclude: str) -> list[dict]:
-        """Every other problem's shortest stored pass (ties: older id), by problem id."""
+    def one_pass_each(self, exclude: str, longest: bool = False) -> list[dict]:
+        """Every other problem's shortest (`longest`: longest) stored pass, ties: older id; by problem id."""
         rows = self._rows("level = 'experience' AND kind = 'pass' AND problem != ?", (str(exclude),),
-                          order="problem, length(text), id")
+                          order=f"problem, length(text) {'DESC' if longest else 'ASC'}, id")
         out: dict[str, dict] = {}
         for row in rows:
             out.setdefault(row["problem"], _entry_dict(row))
