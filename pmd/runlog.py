@@ -78,6 +78,24 @@ class RunDir:
         handle.flush()
         _HELD[key] = handle
 
+    def writer(self) -> str | None:
+        """The pid (as written) of another process that holds `.lock` now, else None: a free folder, no lock
+        file, or one held by this process. Used by `pmd compare` to skip runs that are being written."""
+        lock = self.path / ".lock"
+        if self.path.resolve() in _HELD or not lock.exists():
+            return None
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return handle.read().strip() or "?"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
     # ---------------------------------------------------------------- config
     def exists(self) -> bool:
         return (self.path / "config.yaml").exists()

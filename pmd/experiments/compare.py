@@ -238,7 +238,10 @@ def run_done(run: Path) -> bool:
 
 def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = False,
              python: str = sys.executable, progress_every: float = 120.0) -> list[tuple[str, int, str]]:
-    """Run every unfinished run of the grid (up to `jobs` at once); returns (arm, seed, status) per run."""
+    """Run every unfinished run of the grid (up to `jobs` at once); returns (arm, seed, status) per run. A run
+    that another process is writing (it holds the run's lock) is skipped and reported, never started twice."""
+    from pmd.runlog import RunDir
+
     folder = Path(folder)
     grid.jobs = jobs
     _write_or_check_grid(grid, folder)
@@ -252,12 +255,16 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
             config_path = folder / "configs" / f"{name}.yaml"
             if not dry_run:  # a dry run with another --jobs must not change the threads of the real one
                 config_path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            writer = RunDir(cfg.output_dir).writer()
             if run_done(Path(cfg.output_dir)):
                 status.append((arm, seed, "done"))
+            elif writer:  # another process is writing it (an earlier `pmd compare` still running): leave it
+                status.append((arm, seed, f"running elsewhere (pid {writer}), skipped"))
             else:
                 todo.append((arm, seed, config_path))
-    say(f"grid {folder}: {len(grid.arms)} arms x {len(grid.seeds)} seeds; {len(status)} done, "
-        f"{len(todo)} to run, {jobs} at once")
+    live = sum(what.startswith("running") for _, _, what in status)
+    say(f"grid {folder}: {len(grid.arms)} arms x {len(grid.seeds)} seeds; {len(status) - live} done, "
+        + (f"{live} running elsewhere (skipped), " if live else "") + f"{len(todo)} to run, {jobs} at once")
     if dry_run:
         return status + [(a, s, "todo") for a, s, _ in todo]
 
