@@ -211,7 +211,9 @@ def test_insight_prompt_contents():
     assert "Checker feedback: Forgot the carry." in prompt and "<|im_end|>" not in prompt
     assert "STRATEGY: Add the tens first." in prompt and "LESSON: Do not drop the carry." in prompt
     assert max(len(line) for line in prompt.splitlines()) <= 300
-    assert "Do not give the final answer." in prompt
+    assert "Do not give the final answer" in prompt
+    # no line that starts with a marker and describes its content, which a reflector completes by copying it
+    assert not any(line.startswith(("STRATEGY:", "LESSON:")) for line in prompt.splitlines()[-5:])
     # Without failures or current entries those sections are omitted.
     bare = insight_prompt("Q?", ["A"], [], [])
     assert "Wrong attempt" not in bare and "Advice written so far" not in bare
@@ -227,9 +229,10 @@ def test_behavior_prompt_contents():
 def test_copies_of_the_prompt_are_recognised_verbatim_or_nearly():
     prompt = insight_prompt("What is 12 + 30?", ["12 + 30 = 42. Answer: 42"],
                             [("12 + 30 = 52", "The answer 52 is wrong.")])
-    # the format placeholders, verbatim and reworded the way SmolLM2-135M rewrote them in a run
-    assert copied_from("a step the correct attempts took that worked.", prompt)
-    assert copied_from("A mistake the wrong attempts made, and what to do next.", prompt)
+    # the instructions, verbatim, in part, and reworded
+    assert copied_from("Compare the correct attempts with the wrong ones.", prompt)
+    assert copied_from("Name a step of the correct attempts worth repeating.", prompt)
+    assert copied_from("What should the next attempt at this problem do?", prompt)
     assert copied_from("The answer 52 is wrong", prompt)  # the checker's feedback
     assert copied_from("", prompt)
     # real advice is kept, even when it shares words with the prompt
@@ -238,10 +241,9 @@ def test_copies_of_the_prompt_are_recognised_verbatim_or_nearly():
 
 
 def test_entries_that_echo_the_instructions_inside_other_text_are_copies():
-    # insights SmolLM2-135M wrote in the preset (a) grid (pmd-s0, pmd-s1): placeholders in a list of their own
-    echoes = ["1. A step the correct attempts took that worked; 2. A mistake went wrong; 3. The answer is right.",
-              "A step the correct attempts took that worked; correct attempt 1; correct attempt 2;",
-              "a mistake the wrong attempts made; take a different approach to avoid continuity; improve;",
+    # echoes of the instructions in a list of their own, as SmolLM2-135M wrote them in the preset (a) grid
+    echoes = ["1. A step of the correct attempts worth repeating; 2. A mistake went wrong; 3. The answer is right.",
+              "a mistake of the wrong attempts and how to avoid it; take a different approach; improve;",
               "Habit: the instruction is one sentence someone could check, always.",
               # behaviors Qwen2.5-Coder-0.5B wrote as reflector in preset (a): a slot in the prompts' shape
               "Regular exercise: <a specific activity or exercise>",

@@ -11,8 +11,11 @@ For every run it prints
     passing vs failing rollouts, the change of log p(EOS) where the student stopped, per context kind;
   - the groups the reward cannot rank (every rollout passed, or every one failed: GRPO's advantage is 0), what
     their teachers read, and how many all-failing groups belong to a problem that passed at an earlier visit
-    (the only ones for which memory holds a verified solution).
-It reads config.yaml, metrics.jsonl and rollouts.jsonl (run folders older than the metric namespaces included).
+    (the only ones for which memory holds a verified solution);
+  - pmd runs: the worked solutions their teachers read (demonstration or related example) per epoch: how long
+    they were and how many were a bare one-line answer, beside the length of the students' own completions.
+It reads config.yaml, metrics.jsonl, rollouts.jsonl and memory.sqlite (run folders older than the metric
+namespaces included).
 """
 
 from __future__ import annotations
@@ -72,6 +75,56 @@ def main(grid: Path) -> None:
     for run in runs:
         if (run / "rollouts.jsonl").exists():
             print(unranked_groups(run))
+
+    shown = [run for run in runs if (run / "memory.sqlite").exists() and (run / "rollouts.jsonl").exists()]
+    if shown:
+        print("\nWorked solutions the teacher read (demonstration or example), per epoch: rollouts taught by one, "
+              "their mean lines and characters, the share that is a one-line answer; and the students' own mean "
+              "characters:\n")
+        print("| run | " + " | ".join(f"epoch {e}" for e in range(1, 5)) + " |")
+        print("|---|---|---|---|---|")
+        for run in shown:
+            print(worked_solutions(run))
+
+
+def worked_solutions(run: Path) -> str:
+    """One table row: per epoch, what the stored or sibling passes that teachers read looked like. A stored
+    pass is found by its memory id (one pruned since is skipped); a sibling demonstration (no stored id) is
+    the group's passing completion the run's `demonstration_pick` chooses, other than the rollout itself."""
+    import sqlite3
+
+    per_epoch = max(1, config_value(run, "train_problems") // config_value(run, "problems_per_step"))
+    longest = re.search(r"^demonstration_pick:\s*longest", (run / "config.yaml").read_text(), re.M) is not None
+    with sqlite3.connect(f"file:{run / 'memory.sqlite'}?mode=ro", uri=True) as db:
+        passes = dict(db.execute("SELECT id, text FROM entries WHERE level = 'experience' AND kind = 'pass'"))
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for line in open(run / "rollouts.jsonl"):
+        r = json.loads(line)
+        groups.setdefault((r["step"], r["problem"]), []).append(r)
+    read: dict[int, list[str]] = {}
+    own: dict[int, list[int]] = {}
+    for (step, _), group in groups.items():
+        epoch = (step - 1) // per_epoch + 1
+        for i, r in enumerate(group):
+            own.setdefault(epoch, []).append(len(r["completion"]))
+            if r["teacher_context"] not in ("demonstration", "example"):
+                continue
+            stored = [passes[k] for k in r.get("memory_ids", []) if k in passes]
+            if stored:
+                read.setdefault(epoch, []).append(stored[0])
+            elif r["teacher_context"] == "demonstration":
+                siblings = sorted((s["completion"] for j, s in enumerate(group) if j != i and s["reward"] >= 1),
+                                  key=len, reverse=longest)
+                if siblings:
+                    read.setdefault(epoch, []).append(siblings[0])
+    cells = []
+    for epoch in range(1, 5):
+        texts = read.get(epoch, [])
+        lines = [len([x for x in t.splitlines() if x.strip()]) for t in texts]
+        cells.append(f"{len(texts)}: {statistics.mean(lines):.1f} lines, {statistics.mean(map(len, texts)):.0f} "
+                     f"chars, {sum(n <= 1 for n in lines) / len(texts):.0%} one-line (students "
+                     f"{statistics.mean(own[epoch]):.0f})" if texts else "–")
+    return f"| {run.name} | " + " | ".join(cells) + " |"
 
 
 def unranked_groups(run: Path) -> str:

@@ -292,15 +292,17 @@ def cut_attempt(text: str, max_chars: int) -> str:
     return text[:head] + marker + (text[-tail:] if tail > 0 else "")
 
 
+# No line starts with a marker followed by a description of its content: with the marker put in its mouth, a
+# 0.5B reflector completed it with that description in 3-5 of 24 reflections (README Results point 9).
 INSIGHT_INSTRUCTIONS = (
-    "STRATEGY: a step the correct attempts took that worked.",
-    "LESSON: a mistake the wrong attempts made, and what to do instead.",
-    "Rules:",
-    "- One line each, starting with STRATEGY: or LESSON:",
-    "- Each line is one short instruction; someone reading a solution can check if it was followed.",
-    "- Do not give the final answer.",
-    "- If advice written so far is still right, you may repeat that line exactly.",
-    "Write only these lines.",
+    "Compare the correct attempts with the wrong ones. What should the next attempt at this problem do, and "
+    "what should it avoid?",
+    "Answer with lines of advice, each one short instruction that someone reading a solution could check: a "
+    "STRATEGY line names a step of the correct attempts worth repeating, a LESSON line names a mistake of the "
+    "wrong attempts and how to avoid it.",
+    "At most {max_items} lines of each kind, each starting with STRATEGY: or LESSON:",
+    "Do not give the final answer, and do not copy these instructions.",
+    "If advice written so far is still right, you may repeat that line exactly.",
 )
 BEHAVIOR_INSTRUCTIONS = (
     "Find the one general habit these notes share. Write exactly two lines:",
@@ -313,15 +315,16 @@ BEHAVIOR_INSTRUCTIONS = (
 )
 
 
-def _instruction_phrases(lines: Iterable[str], min_words: int = 6) -> tuple[str, ...]:
-    """The clauses of the instruction lines (split at , ; . : < >) that have at least `min_words` words,
-    as lowercase words joined by single spaces. Shorter clauses ("one line each") are common English."""
+def _instruction_phrases(lines: Iterable[str], words_each: int = 6) -> tuple[str, ...]:
+    """Every run of `words_each` consecutive words within a clause of the instruction lines (split at , ; . : <
+    >), as lowercase words joined by single spaces: an entry holding one echoes the instructions, whole or in
+    part ("Name a step of the correct attempts worth repeating"). Shorter runs ("one line each") are common
+    English."""
     phrases = []
     for line in lines:
         for clause in re.split(r"[,;.:<>]", line.lower()):
             words = re.findall(r"[a-z0-9]+", clause)
-            if len(words) >= min_words:
-                phrases.append(" ".join(words))
+            phrases += [" ".join(words[i:i + words_each]) for i in range(len(words) - words_each + 1)]
     return tuple(dict.fromkeys(phrases))
 
 
@@ -335,8 +338,10 @@ _INSTRUCTION_PHRASES = _instruction_phrases(INSIGHT_INSTRUCTIONS + BEHAVIOR_INST
 def insight_prompt(problem_text: str, passing_attempts: Sequence[str],
                    failing_attempts_with_feedback: Sequence[tuple[str, str]],
                    current_entries: Iterable[tuple[str, str]] = (), *, max_attempt_chars: int = 1500,
-                   max_attempts: int = 2, max_items: int = 3) -> str:
+                   max_attempts: int = 2, max_items: int = 3,
+                   instructions: Sequence[str] = INSIGHT_INSTRUCTIONS) -> str:
     """The insight-reflection prompt (docs/method.md §8). `current_entries` are (kind, text) pairs, kind strategy|lesson.
+    `instructions`: the closing lines (a check compares wordings: docs/results/reflector_check.py).
 
     Untrusted texts are joined by concatenation, never passed through `.format`.
     """
@@ -352,8 +357,7 @@ def insight_prompt(problem_text: str, passing_attempts: Sequence[str],
     current = [f"{kind.upper()}: {text}" for kind, text in current_entries]
     if current:
         parts += ["Advice written so far:", *current, ""]
-    parts += [f"Write at most {max_items} STRATEGY lines and at most {max_items} LESSON lines.",
-              *INSIGHT_INSTRUCTIONS]
+    parts += [line.replace("{max_items}", str(max_items)) for line in instructions]
     return "\n".join(parts)
 
 
