@@ -92,6 +92,18 @@ def test_presets_load_and_validate():
     assert b.config["task"] == "humaneval" and len(b.seeds) >= 2
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "docs" / "results").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_the_results_grids_load_and_every_run_config_validates(path, tmp_path):
+    """The grid files README Results reproduces from: a misspelt key or a bad value fails here, not an hour in."""
+    grid = compare.load_grid(path)
+    assert grid.arms and grid.seeds
+    for arm in grid.arms:
+        cfg = grid.run_config(arm, grid.seeds[0], tmp_path)
+        cfg.validate()
+        assert cfg.model and cfg.seed == grid.seeds[0]
+
+
 @pytest.mark.parametrize("config, arms, seeds, message", [
     ({}, ["grpo", "nope"], [0], "'nope' is not an arm"),
     ({"method": "pmd"}, ["grpo"], [0], "set by each arm"),
