@@ -198,6 +198,11 @@ class Config:
                     "the fewest characters (one line of working, then the answer, on chain_sum at 135M). "
                     "longest: the most characters, i.e. the most working shown (where the shortest pass is a "
                     "bare answer the policy guessed).")
+    store_cut_passes: bool = _f(
+        False, "pmd: whether a passing rollout cut at max_new_tokens (no EOS) enters experience memory and may be "
+               "a demonstration. false: it does not (shown to the teacher, it is a solution that never stops, "
+               "and the teacher's stop there teaches the student to run on). true: as pmd 0.1.0 did until "
+               "December 2026, for reproducing older runs.")
     teacher_reference: bool = _f(
         False, "pmd, a diagnostic upper bound (not PMD): where no demonstration fits, the teacher reads the task's "
                "reference answer (\"The correct answer is X.\") instead of stored feedback. It measures what a "

@@ -293,7 +293,8 @@ def update_memory(run: Run, step: int, batch: Rollouts, timer) -> None:
     memory, cfg = run.memory, run.cfg
     rewards_B = [v.reward for v in batch.verdicts_B]
     with timer("memory_observe"):
-        gained = memory.observe(step, batch.problems_P, batch.texts_B, rewards_B, batch.passed_B, batch.feedback_B)
+        gained = memory.observe(step, batch.problems_P, batch.texts_B, rewards_B, batch.passed_B, batch.feedback_B,
+                                batch.finished_B)
     with timer("reflect"):
         memory.reflect(step, gained, {p.id: run.task.messages(p)[-1]["content"] for p in gained})
     if cfg.behavior_every and step % cfg.behavior_every == 0:
@@ -316,7 +317,7 @@ def teacher_contexts(run: Run, step: int, batch: Rollouts, in_prompt, frozen: bo
                 group, shared = [in_prompt[0][k]] * G, in_prompt[0][k]
             elif run.memory is not None:
                 group, shared = run.memory.group_contexts(step, problem, messages, batch.texts_B[rows],
-                                                          batch.passed_B[rows], feedback_G)
+                                                          batch.passed_B[rows], feedback_G, batch.finished_B[rows])
             else:
                 offers = sibling_items(batch.texts_B[rows], batch.passed_B[rows], feedback_G)
                 group, shared = run.prompts.group(messages, offers), None
@@ -393,7 +394,8 @@ def memory_metrics(run: Run, contexts_B: list, frozen: bool) -> dict:
 
 
 def rollout_rows(step: int, batch: Rollouts, contexts_B, in_prompt, with_memory_ids: bool) -> list[dict]:
-    """rollouts.jsonl: every rollout with its reward, feedback, advantage and the context its teacher read."""
+    """rollouts.jsonl: every rollout with its reward, feedback, advantage, length in tokens, whether it stopped
+    (EOS within max_new_tokens) and the context its teacher read."""
     advantages_B = losses.group_advantages(torch.tensor([v.reward for v in batch.verdicts_B]),
                                            len(batch.texts_B) // len(batch.problems_P)).tolist()
     rows = []
@@ -402,7 +404,8 @@ def rollout_rows(step: int, batch: Rollouts, contexts_B, in_prompt, with_memory_
         kind = ("in_prompt:" if in_prompt else "") + context.kinds if context is not None else "none"
         row = {"step": step, "id": rollout_id(step, i), "problem": batch.problem_of(i).id, "completion": text,
                "reward": verdict.reward, "feedback": verdict.feedback, "extracted": verdict.extracted,
-               "advantage": round(advantages_B[i], 4), "teacher_context": kind}
+               "advantage": round(advantages_B[i], 4), "tokens": batch.lengths_B[i],
+               "stopped": batch.finished_B[i], "teacher_context": kind}
         if with_memory_ids:
             row["memory_ids"] = context.entry_ids if context is not None else []
         rows.append(row)

@@ -202,6 +202,33 @@ def test_demonstration_pick_longest_shows_the_pass_with_the_most_working(tmp_pat
     assert [(i.kind, i.text) for i in g4.per_rollout[0].items] == [("example", texts[1])]
 
 
+def test_a_pass_cut_at_the_budget_is_never_a_demonstration(tmp_path):
+    """A pass without EOS (cut at max_new_tokens) shows a solution that never stops: it is neither stored
+    nor offered as a sibling demonstration, whichever pick; a finished pass still is, and a cut failure
+    is still stored (its feedback is what the teacher reads)."""
+    mem = make_memory(tmp_path, memory_levels="experience", demonstration_pick="longest")
+    p = problem(1)
+    texts = ["1 + 1 = 2. Answer: 2 and so on and on", "Answer: 2", "wrong", "1 + 1 = 2, so 2 and more and more"]
+    passed, finished = [True, True, False, True], [False, True, False, False]
+    feedback = ["", "", "bad", ""]
+    mem.observe(1, [p], texts, [float(x) for x in passed], passed, feedback, finished)
+    assert sorted((e["kind"], e["text"]) for e in mem.store.experience(p.id)) == [("fail", "wrong"),
+                                                                                   ("pass", "Answer: 2")]
+    assert mem.take_counters()["memory/cut_passes_not_stored"] == 2
+    g = mem.group_contexts(1, p, messages(p), texts, passed, feedback, finished)
+    demo = [next((i.text for i in c.items if i.kind == "demonstration"), None) for c in g.per_rollout]
+    assert demo == ["Answer: 2", None, "Answer: 2", "Answer: 2"]  # the longest, cut passes, are skipped
+    g_unknown = mem.group_contexts(1, p, messages(p), texts, passed, feedback)  # no finished flags: all count
+    assert next(i.text for i in g_unknown.per_rollout[1].items if i.kind == "demonstration") == texts[0]
+    (tmp_path / "keep").mkdir()  # store_cut_passes=true: as before, they are stored and shown
+    keep = make_memory(tmp_path / "keep", memory_levels="experience", demonstration_pick="longest",
+                       store_cut_passes=True)
+    keep.observe(1, [p], texts, [float(x) for x in passed], passed, feedback, finished)
+    assert len(keep.store.experience(p.id)) == 4
+    g_keep = keep.group_contexts(2, p, messages(p), texts, passed, feedback, finished)
+    assert next(i.text for i in g_keep.per_rollout[1].items if i.kind == "demonstration") == texts[0]
+
+
 def test_utility_credit_is_relative_to_the_mean_change(tmp_path):
     mem = make_memory(tmp_path, memory_levels="experience,insight")
     a, b = problem(1), problem(2)

@@ -49,6 +49,7 @@ class MemoryConfig:
     teacher_reference: bool = _default("teacher_reference")
     related_examples: int = _default("related_examples")
     demonstration_pick: str = _default("demonstration_pick")
+    store_cut_passes: bool = _default("store_cut_passes")
     # token budgets the store enforces per problem (experience, insight) or per level (behavior); None: none
     l1_token_budget: int | None = None
     l2_token_budget: int | None = None

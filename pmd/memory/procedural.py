@@ -65,9 +65,14 @@ class ProceduralMemory:
 
     # ------------------------------------------------------------------------------------------ observe
     def observe(self, step: int, problems_P: list[Problem], texts_B: list[str], rewards_B: list[float],
-                passed_B: list[bool], feedback_B: list[str]) -> list[Problem]:
-        """L1 insert/evict and utility credit. Returns the problems whose experience gained an entry."""
+                passed_B: list[bool], feedback_B: list[str], finished_B: list[bool] | None = None) -> list[Problem]:
+        """L1 insert/evict and utility credit. Returns the problems whose experience gained an entry.
+        A pass cut at the token budget (`finished_B` False: no EOS) is not stored (unless `store_cut_passes`): as
+        a demonstration it would show the teacher a solution that never stops."""
         G = len(texts_B) // len(problems_P)
+        kept_B = [finished_B is None or self.cfg.store_cut_passes or finished_B[i] or not passed_B[i]
+                  for i in range(len(texts_B))]
+        self.counters["memory/cut_passes_not_stored"] += sum(not k for k in kept_B)
         deltas: dict[str, tuple[float, list[int]]] = {}
         gained: list[Problem] = []
         for k, problem in enumerate(problems_P):
@@ -80,7 +85,7 @@ class ProceduralMemory:
             ids = self.store.add_rollouts(step, problem.id, [
                 Rollout(text=strip_thinking(texts_B[i]), reward=rewards_B[i], passed=passed_B[i],
                         feedback="" if passed_B[i] else feedback_B[i], rollout_id=rollout_id(step, i))
-                for i in rows])
+                for i in rows if kept_B[i]])
             if any(i is not None and i not in before for i in ids):
                 gained.append(problem)
         if deltas:  # credit relative to the mean progress of all problems revisited now
@@ -211,16 +216,20 @@ class ProceduralMemory:
         return items
 
     def group_contexts(self, step: int, problem: Problem, messages: list[dict], texts_G: list[str],
-                       passed_G: list[bool], feedback_G: list[str]) -> GroupContexts:
+                       passed_G: list[bool], feedback_G: list[str],
+                       finished_G: list[bool] | None = None) -> GroupContexts:
         """Each rollout's teacher context (docs/method.md §4): the experience item (a demonstration, else
         feedback), an attempt to avoid (`show_failure`), insights, behaviors, in that priority. With
-        `teacher_memory=shared` only insights and behaviors. `feedback_G` is what the teacher may read."""
+        `teacher_memory=shared` only insights and behaviors. `feedback_G` is what the teacher may read; a
+        sibling cut at the budget (`finished_G` False) is no demonstration (unless `store_cut_passes`)."""
         others = self.memory_items(problem, messages[-1]["content"])
         if self.cfg.teacher_memory == "shared":
             per_rollout = self.prompts.group(messages, [others] * len(texts_G))
             return GroupContexts(per_rollout, next((c for c in per_rollout if c is not None), None))
         experience = self.store.experience(problem.id)
-        demos = self._demonstrations(step, experience, texts_G, passed_G, self.cfg.demonstration_pick == "longest")
+        complete_G = [ok and (finished_G is None or self.cfg.store_cut_passes or finished_G[i])
+                      for i, ok in enumerate(passed_G)]
+        demos = self._demonstrations(step, experience, texts_G, complete_G, self.cfg.demonstration_pick == "longest")
         stored_failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         feedback = (Item("feedback", stored_failure["feedback"], stored_failure["id"])
                     if stored_failure and self.cfg.feedback_source == "memory" else None)
