@@ -90,11 +90,15 @@ def main(grid: Path) -> None:
 def worked_solutions(run: Path) -> str:
     """One table row: per epoch, what the stored or sibling passes that teachers read looked like. A stored
     pass is found by its memory id (one pruned since is skipped); a sibling demonstration (no stored id) is
-    the group's passing completion the run's `demonstration_pick` chooses, other than the rollout itself."""
+    the group's passing completion the run's `demonstration_pick` chooses, other than the rollout itself (and,
+    unless the run stored cut passes, one that stopped)."""
     import sqlite3
 
     per_epoch = max(1, config_value(run, "train_problems") // config_value(run, "problems_per_step"))
-    longest = re.search(r"^demonstration_pick:\s*longest", (run / "config.yaml").read_text(), re.M) is not None
+    config = (run / "config.yaml").read_text()
+    longest = re.search(r"^demonstration_pick:\s*longest", config, re.M) is not None
+    # runs from before store_cut_passes existed showed cut passes too
+    cut_shown = re.search(r"^store_cut_passes:\s*false", config, re.M) is None
     with sqlite3.connect(f"file:{run / 'memory.sqlite'}?mode=ro", uri=True) as db:
         passes = dict(db.execute("SELECT id, text FROM entries WHERE level = 'experience' AND kind = 'pass'"))
     groups: dict[tuple[int, str], list[dict]] = {}
@@ -113,7 +117,8 @@ def worked_solutions(run: Path) -> str:
             if stored:
                 read.setdefault(epoch, []).append(stored[0])
             elif r["teacher_context"] == "demonstration":
-                siblings = sorted((s["completion"] for j, s in enumerate(group) if j != i and s["reward"] >= 1),
+                siblings = sorted((s["completion"] for j, s in enumerate(group)
+                                   if j != i and s["reward"] >= 1 and (cut_shown or s.get("stopped", True))),
                                   key=len, reverse=longest)
                 if siblings:
                     read.setdefault(epoch, []).append(siblings[0])
