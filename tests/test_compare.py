@@ -171,28 +171,18 @@ def test_a_grid_file_defines_its_own_arms(tmp_path):
         compare.run_grid(redefined, out, dry_run=True)
 
 
-def test_a_run_that_another_process_writes_is_skipped_not_started_twice(tmp_path):
+def test_a_run_that_another_process_writes_is_skipped_not_started_twice(tmp_path, hold_lock):
     """Extending a grid while an earlier `pmd compare` still runs: its live run (lock held) is reported and
     left alone, not started a second time; once its writer is gone it is resumed as any unfinished run."""
-    import subprocess
-    import sys
-
     grid = compare.make_grid(TINY_GRID, ["grpo"], [0])
     run = tmp_path / "g" / "runs" / "grpo-s0"
     run.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242\\n');"
-        " f.flush(); print('held', flush=True); time.sleep(60)"), str(run / ".lock")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        assert RunDir(run).writer() == "4242"
-        status = compare.run_grid(grid, tmp_path / "g", jobs=1)  # would train grpo-s0 if it did not skip it
-        assert status == [("grpo", 0, "running elsewhere (pid 4242), skipped")]
-        assert not (tmp_path / "g" / "logs" / "grpo-s0.log").exists()
-    finally:
-        holder.kill()
-        holder.wait()
+    release = hold_lock(run / ".lock")
+    assert RunDir(run).writer() == "4242"
+    status = compare.run_grid(grid, tmp_path / "g", jobs=1)  # would train grpo-s0 if it did not skip it
+    assert status == [("grpo", 0, "running elsewhere (pid 4242), skipped")]
+    assert not (tmp_path / "g" / "logs" / "grpo-s0.log").exists()
+    release()
     assert RunDir(run).writer() is None
     assert compare.run_grid(grid, tmp_path / "g", dry_run=True) == [("grpo", 0, "todo")]
 

@@ -319,24 +319,17 @@ def test_related_examples_reach_the_all_fail_group_in_the_loop(tmp_path, monkeyp
     assert [r["teacher_context"] for r in rollouts if r["problem"] != solved.id] == ["example"] * 4
 
 
-def test_a_run_folder_has_one_writer(tmp_path):
+def test_a_run_folder_has_one_writer(tmp_path, hold_lock):
     """A second process that would write a run folder in use stops with an error naming it (a duplicate `pmd
     compare` or `pmd train` would otherwise truncate the first one's logs); the lock goes with its holder."""
     from pmd.runlog import RunDir
 
     folder = tmp_path / "run"
     folder.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242\\n');"
-        " f.flush(); print('held', flush=True); time.sleep(60)"), str(folder / ".lock")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(ConfigError, match=r"being written by another process \(pid 4242\)"):
-            RunDir(folder).lock()
-    finally:
-        holder.kill()
-        holder.wait()
+    release = hold_lock(folder / ".lock")
+    with pytest.raises(ConfigError, match=r"being written by another process \(pid 4242\)"):
+        RunDir(folder).lock()
+    release()
     RunDir(folder).lock()  # the holder is gone: free
     RunDir(folder).lock()  # held by this process already: fine
     assert (folder / ".lock").read_text().strip() == str(os.getpid())
