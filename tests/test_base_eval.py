@@ -17,6 +17,14 @@ def test_training_only_keys_are_config_keys():
     assert base_eval.TRAINING_ONLY <= set(fields()), base_eval.TRAINING_ONLY - set(fields())
 
 
+def test_the_keys_only_pmds_teacher_and_memory_read_are_training_only():
+    """A key documented as pmd's own ("pmd: ...") acts on the teacher or the memory, after step 0: a new one
+    left out of TRAINING_ONLY would make every arm that sets it recompute the initial evaluation."""
+    pmd_only = {name for name, spec in Config.__dataclass_fields__.items()
+                if spec.metadata.get("help", "").startswith(("pmd:", "pmd,"))}
+    assert pmd_only and pmd_only <= base_eval.TRAINING_ONLY, pmd_only - base_eval.TRAINING_ONLY
+
+
 def test_key_ignores_the_arm_and_sees_everything_that_changes_the_evaluation():
     base = Config().to_dict()
     key = base_eval.cache_key(base, world=1)

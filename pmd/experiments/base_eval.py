@@ -31,7 +31,7 @@ TRAINING_ONLY = frozenset({
     "max_grad_norm", "micro_batch_size", "optimizer_steps_per_batch", "grpo_clip_low", "grpo_clip_high",
     "grpo_weight", "distillation_topk", "distillation_alpha", "distillation_add_tail", "distillation_is_clip",
     "teacher_model_kind", "teacher_update_rate", "teacher_feedback", "demonstration_form", "teacher_memory",
-    "show_failure", "teacher_reference", "related_examples", "objective",
+    "show_failure", "teacher_reference", "related_examples", "demonstration_pick", "store_cut_passes", "objective",
     "distill_warmup_steps", "credit_clip", "distill_unranked", "distill_unranked_tokens", "teacher_prefix_sharing",
     "student_prefix_sharing", "max_teacher_prompt_tokens", "memory_levels", "freeze", "freeze_memory_after",
     "reflector", "reflect_temperature", "reflect_max_new_tokens", "reflect_per_step",
