@@ -145,6 +145,10 @@ def test_resuming_with_a_different_config_is_refused(tmp_path):
         compare.run_grid(changed, tmp_path / "g", dry_run=True)
     grown = compare.make_grid(TINY_GRID, ["sdpo"], [1])  # arms and seeds may grow
     status = compare.run_grid(grown, tmp_path / "g", dry_run=True)
+    assert [(a, s) for a, s, _ in status] == [("sdpo", 1)]  # --arms/--seeds: only the runs asked for
+    stored = compare.load_grid(tmp_path / "g")  # the folder's grid holds the union; run by its folder, all of it
+    assert (stored.arms, stored.seeds) == (["grpo", "sdpo"], [0, 1])
+    status = compare.run_grid(stored, tmp_path / "g", dry_run=True)
     assert {(a, s) for a, s, _ in status} == {("grpo", 0), ("grpo", 1), ("sdpo", 0), ("sdpo", 1)}
 
 

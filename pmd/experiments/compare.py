@@ -244,12 +244,13 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
 
     folder = Path(folder)
     grid.jobs = jobs
+    arms, seeds = list(grid.arms), list(grid.seeds)  # what this call runs; the folder's grid may hold more
     _write_or_check_grid(grid, folder)
     for sub in ("configs", "runs", "logs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     todo, status = [], []
-    for arm in grid.arms:  # arm-major: the baselines (listed first) finish first, so pairs form early
-        for seed in grid.seeds:
+    for arm in arms:  # arm-major: the baselines (listed first) finish first, so pairs form early
+        for seed in seeds:
             name = grid.run_name(arm, seed)
             cfg = grid.run_config(arm, seed, folder)
             config_path = folder / "configs" / f"{name}.yaml"
@@ -263,7 +264,7 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
             else:
                 todo.append((arm, seed, config_path))
     live = sum(what.startswith("running") for _, _, what in status)
-    say(f"grid {folder}: {len(grid.arms)} arms x {len(grid.seeds)} seeds; {len(status) - live} done, "
+    say(f"grid {folder}: {len(arms)} arms x {len(seeds)} seeds; {len(status) - live} done, "
         + (f"{live} running elsewhere (skipped), " if live else "") + f"{len(todo)} to run, {jobs} at once")
     if dry_run:
         return status + [(a, s, "todo") for a, s, _ in todo]
@@ -285,7 +286,7 @@ def run_grid(grid: Grid, folder: str | Path, jobs: int = 1, dry_run: bool = Fals
         return arm, seed, ("done" if code == 0 and run_done(folder / "runs" / name)
                            else f"failed (exit {code}, see {log})") + f" in {minutes:.1f} min"
 
-    finished, total = len(status), len(grid.arms) * len(grid.seeds)
+    finished, total = len(status), len(arms) * len(seeds)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         pending = {pool.submit(launch, *t): t for t in todo}
         while pending:
