@@ -302,8 +302,9 @@ def test_related_examples_reach_the_all_fail_group_in_the_loop(tmp_path, monkeyp
 
     import pmd.loop
 
+    # The tiny random model never stops before the budget; store_cut_passes lets its patched pass be an example.
     run = setup(tiny(tmp_path, method="pmd", related_examples=1, embedder="hashing", teacher_feedback="auto",
-                     memory_levels="experience"))
+                     memory_levels="experience", store_cut_passes=True))
     solved = pmd.loop.problems_for_step(run, 1)[0]
     real = pmd.loop.verify_many
 
