@@ -1,6 +1,6 @@
 """Would a memory that keeps growing teach more than one frozen after the first epoch? A check before any grid.
 
-On preset (a′) it did not (README Results point 8): every chain_sum problem there has two terms, so any solved
+On preset (a′) it did not (docs/results/findings.md point 8): every chain_sum problem there has two terms, so any solved
 problem from epoch 1 is as good an example as a later one. This script asks whether a pool that mixes
 difficulties (chain_sum with 2 to 4 terms) changes that, with three measurements on the untrained model:
 
@@ -17,7 +17,7 @@ A growing memory can only beat a frozen one here if (1) epoch 1 solves few hard 
 the same difficulty, and (3) the hard example lifts hard held-out problems more than the easy one does.
 
     python docs/results/curriculum_check.py [THREADS]   # 1 h 39 min with 1 thread beside 2-3 training runs
-                                                        # (AVX2, float32); its output: README Results point 8
+                                                        # (AVX2, float32); its output: docs/results/findings.md point 8
 """
 
 import sys

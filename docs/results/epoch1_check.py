@@ -1,4 +1,4 @@
-"""How sparse is the reward in the first epoch of a grid? A check before the grid runs (README Results point 10).
+"""How sparse is the reward in the first epoch of a grid? A check before the grid runs (docs/results/findings.md point 10).
 
 The untrained policy samples each of the first 24 training problems 4 times at the training temperature, as
 epoch 1 does, and this prints the share of rollouts that pass, how many groups of 4 pass 0, 1, ... 4 times (a

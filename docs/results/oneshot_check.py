@@ -1,4 +1,4 @@
-"""The check behind `related_examples` (README, Results point 7): does one solved *other* problem in context
+"""The check behind `related_examples` (docs/results/findings.md, point 7): does one solved *other* problem in context
 make the untrained model solve held-out problems more often?
 
 Preset (a′)'s model, task and 200 held-out problems. The model answers its 40 training problems greedily; the

@@ -293,7 +293,7 @@ def cut_attempt(text: str, max_chars: int) -> str:
 
 
 # No line starts with a marker followed by a description of its content: with the marker put in its mouth, a
-# 0.5B reflector completed it with that description in 3-5 of 24 reflections (README Results point 9).
+# 0.5B reflector completed it with that description in 3-5 of 24 reflections (docs/results/findings.md point 9).
 INSIGHT_INSTRUCTIONS = (
     "Compare the correct attempts with the wrong ones. What should the next attempt at this problem do, and "
     "what should it avoid?",
