@@ -193,11 +193,12 @@ class Config:
            "problems most similar to it (the problem and one stored pass, chosen by demonstration_pick, as an "
            "earlier user/assistant exchange): experience reused across problems, a worked example of the "
            "procedure. 0: off. Not with teacher_memory=shared (no stored solutions there).")
-    demonstration_pick: Literal["shortest", "longest"] = _f(
+    demonstration_pick: Literal["shortest", "longest", "median"] = _f(
         "shortest", "pmd: which stored pass the teacher reads as a demonstration or related example. shortest: "
                     "the fewest characters (one line of working, then the answer, on chain_sum at 135M). "
                     "longest: the most characters, i.e. the most working shown (where the shortest pass is a "
-                    "bare answer the policy guessed).")
+                    "bare answer the policy guessed). median: the pass nearest the median length, the working "
+                    "most passes show without the one that runs longest (not yet measured in a grid).")
     store_cut_passes: bool = _f(
         False, "pmd: whether a passing rollout cut at max_new_tokens (no EOS) enters experience memory and may be "
                "a demonstration. false: it does not (shown to the teacher, it is a solution that never stops, "

@@ -10,7 +10,7 @@ import pytest
 from pmd.config import Config, apply
 from pmd.memory import MemoryConfig, MemoryStore, ProceduralMemory
 from pmd.memory.embedder import hashing_embedder
-from pmd.memory.procedural import cluster_insights
+from pmd.memory.procedural import cluster_insights, pick_order
 from pmd.tasks import Problem
 from pmd.teacher import Item, TeacherPrompts, fit, render
 
@@ -200,6 +200,38 @@ def test_demonstration_pick_longest_shows_the_pass_with_the_most_working(tmp_pat
     short.observe(1, [p], texts, [float(x) for x in passed], passed, feedback)
     g4 = short.group_contexts(2, other, messages(other), ["x"] * 4, [False] * 4, ["bad"] * 4)
     assert [(i.kind, i.text) for i in g4.per_rollout[0].items] == [("example", texts[1])]
+
+
+def test_pick_order_by_length_with_ties_to_the_earlier():
+    assert pick_order([5, 2, 9, 2], "shortest") == [1, 3, 0, 2]
+    assert pick_order([5, 2, 9, 9], "longest") == [2, 3, 0, 1]
+    # median: the lower middle of 2, 5, 8, 30 is 5; then by distance to it (2 and 8 tie: the earlier index)
+    assert pick_order([30, 8, 5, 2], "median") == [2, 1, 3, 0]
+    assert pick_order([7], "median") == [0] and pick_order([], "median") == []
+    with pytest.raises(ValueError, match="demonstration_pick"):
+        pick_order([1], "random")
+
+
+def test_demonstration_pick_median_skips_the_bare_answer_and_the_longest(tmp_path):
+    """demonstration_pick=median: of three stored passes the middle one, as demonstration, as related example,
+    and (freeze=policy) in the student's prompt."""
+    mem = make_memory(tmp_path, memory_levels="experience", demonstration_pick="median")
+    p, other = problem(1), problem(2)
+    mem.problem_texts = {p.id: p.question, other.id: other.question}
+    texts = ["Answer: 2", "1 + 1 = 2.\nAnswer: 2", "wrong",
+             "Let me add 1 and 1 slowly, one unit at a time, which gives 2.\nAnswer: 2"]
+    passed = [True, True, False, True]
+    feedback = ["", "", "bad", ""]
+    mem.observe(1, [p], texts, [float(x) for x in passed], passed, feedback)
+    g = mem.group_contexts(1, p, messages(p), texts, passed, feedback)  # this step's passes: median first
+    demo = [next((i.text for i in c.items if i.kind == "demonstration"), None) for c in g.per_rollout]
+    assert demo == [texts[1], texts[0], texts[1], texts[1]]
+    g2 = mem.group_contexts(2, p, messages(p), ["x"] * 4, [False] * 4, ["bad"] * 4)
+    assert all(next(i.text for i in c.items if i.kind == "demonstration") == texts[1] for c in g2.per_rollout)
+    g3 = mem.group_contexts(2, other, messages(other), ["x"] * 4, [False] * 4, ["bad"] * 4)
+    assert [(i.kind, i.text) for i in g3.per_rollout[0].items] == [("example", texts[1])]
+    ctx = mem.prompt_context(2, p, messages(p))
+    assert next(i.text for i in ctx.items if i.kind == "demonstration") == texts[1]
 
 
 def test_a_pass_cut_at_the_budget_is_never_a_demonstration(tmp_path):

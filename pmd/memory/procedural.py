@@ -186,13 +186,13 @@ class ProceduralMemory:
     def related_examples(self, problem: Problem, text: str) -> list[Item]:
         """Up to `related_examples` other problems with a stored pass, most similar to this one first (cosine of
         the problem embeddings; ties and no embedder: problem id), each as its prompt and one stored pass
-        (`demonstration_pick`: the shortest or the longest).
+        (the one `demonstration_pick` prefers).
         A worked example of the procedure lifts a small teacher where its own problem has no solution yet:
         SmolLM2-135M, one solved example in context, held-out chain_sum mean@2 19.8% -> 35.5% (README)."""
         if not self.cfg.related_examples:
             return []
-        passes = [e for e in self.store.one_pass_each(problem.id, longest=self.cfg.demonstration_pick == "longest")
-                  if e["problem"] in self.problem_texts]
+        passes = [own[pick_order([len(e["text"]) for e in own], self.cfg.demonstration_pick)[0]]
+                  for solved, own in self.store.passes_of_others(problem.id).items() if solved in self.problem_texts]
         if not passes:
             return []
         scores = [0.0] * len(passes)
@@ -229,7 +229,7 @@ class ProceduralMemory:
         experience = self.store.experience(problem.id)
         complete_G = [ok and (finished_G is None or self.cfg.store_cut_passes or finished_G[i])
                       for i, ok in enumerate(passed_G)]
-        demos = self._demonstrations(step, experience, texts_G, complete_G, self.cfg.demonstration_pick == "longest")
+        demos = self._demonstrations(step, experience, texts_G, complete_G, self.cfg.demonstration_pick)
         stored_failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         feedback = (Item("feedback", stored_failure["feedback"], stored_failure["id"])
                     if stored_failure and self.cfg.feedback_source == "memory" else None)
@@ -257,18 +257,17 @@ class ProceduralMemory:
 
     @staticmethod
     def _demonstrations(step: int, experience: list[dict], texts_G: list[str], passed_G: list[bool],
-                        longest: bool = False) -> list[tuple[Item, int | None]]:
-        """(demonstration, index of the sibling it is, or None): the shortest (`longest`: longest) stored pass
-        from an earlier step, else this step's passes in that order (a rollout is never its own
+                        pick: str = "shortest") -> list[tuple[Item, int | None]]:
+        """(demonstration, index of the sibling it is, or None): the stored pass from an earlier step that `pick`
+        prefers (see `pick_order`), else this step's passes in that order (a rollout is never its own
         demonstration). Ties: the older entry, the earlier sibling."""
-        sign = -1 if longest else 1
-        stored = sorted((e for e in experience if e["passed"] and e["created_step"] < step),
-                        key=lambda e: (sign * len(e["text"]), e["id"]))
+        stored = sorted((e for e in experience if e["passed"] and e["created_step"] < step), key=lambda e: e["id"])
         if stored:
-            return [(Item("demonstration", stored[0]["text"], stored[0]["id"]), None)]
-        current = sorted((i for i in range(len(texts_G)) if passed_G[i] and strip_thinking(texts_G[i])),
-                         key=lambda i: (sign * len(strip_thinking(texts_G[i])), i))
-        return [(Item("demonstration", strip_thinking(texts_G[i])), i) for i in current[:2]]
+            best = stored[pick_order([len(e["text"]) for e in stored], pick)[0]]
+            return [(Item("demonstration", best["text"], best["id"]), None)]
+        current = [i for i in range(len(texts_G)) if passed_G[i] and strip_thinking(texts_G[i])]
+        order = pick_order([len(strip_thinking(texts_G[i])) for i in current], pick)
+        return [(Item("demonstration", strip_thinking(texts_G[current[j]])), current[j]) for j in order[:2]]
 
     def eval_context(self, problem: Problem, messages: list[dict]) -> Context | None:
         """In-context memory for a held-out problem: behaviors only (it has no experience or insights)."""
@@ -278,8 +277,8 @@ class ProceduralMemory:
     def prompt_context(self, step: int, problem: Problem, messages: list[dict]) -> Context | None:
         """freeze=policy: the memory placed in the student's own prompt before sampling (no siblings yet)."""
         experience = self.store.experience(problem.id)
-        sign = -1 if self.cfg.demonstration_pick == "longest" else 1
-        passes = sorted((e for e in experience if e["passed"]), key=lambda e: (sign * len(e["text"]), e["id"]))
+        passes = sorted((e for e in experience if e["passed"]), key=lambda e: e["id"])
+        passes = [passes[j] for j in pick_order([len(e["text"]) for e in passes], self.cfg.demonstration_pick)]
         failure = next((e for e in experience if not e["passed"] and e["feedback"]), None)
         candidates = ([Item("demonstration", passes[0]["text"], passes[0]["id"])] if passes else []) + \
                      ([Item("feedback", failure["feedback"], failure["id"])] if failure else []) + \
@@ -313,6 +312,23 @@ class ProceduralMemory:
             out[f"memory/{level}_entries"] = s["count"]
             out[f"memory/{level}_tokens"] = s["tokens"]
         return out
+
+
+def pick_order(lengths: list[int], pick: str) -> list[int]:
+    """Indices of candidate passes (by their lengths), the one `demonstration_pick` prefers first; ties: the
+    earlier index. shortest / longest: by length. median: nearest the median length (the lower middle, so a
+    real pass) first: a solution with the working most passes show, neither the luckiest bare answer (the
+    shortest, findings point 10) nor the one that runs to the budget (the longest, point 11)."""
+    if pick == "shortest":
+        distance = list(lengths)
+    elif pick == "longest":
+        distance = [-n for n in lengths]
+    elif pick == "median":
+        middle = sorted(lengths)[(len(lengths) - 1) // 2] if lengths else 0
+        distance = [abs(n - middle) for n in lengths]
+    else:
+        raise ValueError(f"demonstration_pick must be shortest, longest or median, got {pick!r}")
+    return sorted(range(len(lengths)), key=lambda i: (distance[i], i))
 
 
 def cluster_insights(entries: list[dict], vectors: np.ndarray | None, similarity: float, min_problems: int,

@@ -507,14 +507,14 @@ class MemoryStore:
                           order="kind = 'fail', last_confirmed_step DESC, id DESC")
         return [_entry_dict(r) for r in rows]
 
-    def one_pass_each(self, exclude: str, longest: bool = False) -> list[dict]:
-        """Every other problem's shortest (`longest`: longest) stored pass, ties: older id; by problem id."""
+    def passes_of_others(self, exclude: str) -> dict[str, list[dict]]:
+        """Every other problem's stored passes, oldest id first, by problem id."""
         rows = self._rows("level = 'experience' AND kind = 'pass' AND problem != ?", (str(exclude),),
-                          order=f"problem, length(text) {'DESC' if longest else 'ASC'}, id")
-        out: dict[str, dict] = {}
+                          order="problem, id")
+        out: dict[str, list[dict]] = {}
         for row in rows:
-            out.setdefault(row["problem"], _entry_dict(row))
-        return list(out.values())
+            out.setdefault(row["problem"], []).append(_entry_dict(row))
+        return out
 
     def insights(self, problem: str, kind: str | None = None) -> list[dict]:
         """A problem's insights, best utility first (ties: higher support, then older id)."""
